@@ -31,7 +31,15 @@ test-asan:
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 		./build-asan/test_fdma
 
+# check: the C tests (make test, CUDA kernels compiled when nvcc is present), then `pip install .` of the package
+# (CPU-only build, to test the packaging), then the Python suites on the CPU against build/libflashdma.so:
+# CPU backend, ctypes binding and ops, Triton in its interpreter, Flex, transformers. GPU tests: pytest -m gpu.
 check: test
+	@venv=$$(scripts/setup_env.sh) && set -e && \
+	"$$venv/bin/python" -m pip install -q --no-build-isolation --no-deps -Ccmake.define.FDMA_WITH_CUDA=OFF . && \
+	(cd /tmp && "$$venv/bin/python" -c "import flash_dmattn, flash_dma; \
+	print('installed package OK, backends:', flash_dmattn.get_available_backends())") && \
+	FDMA_LIBRARY=$(CURDIR)/build/libflashdma.so "$$venv/bin/python" -m pytest -q -m "not gpu" tests/python
 
 demo:
 	@venv=$$(scripts/setup_env.sh) && \
