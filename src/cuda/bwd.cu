@@ -1,0 +1,399 @@
+/*
+ * bwd.cu -- the CUDA backward of flash-dmattn (SPEC section 4): the selector fdma_cuda_bwd_plan, the runner
+ * fdma_cuda_bwd_run, and the small kernels around the attention kernels of bwd_common.cuh.
+ *
+ * One call runs, on p->stream, with no allocation and no synchronization:
+ *   1. di_kernel:       Di[b,h,i] = dout[b,i,h,:] . out[b,i,h,:]                    (fp32, workspace)
+ *   2. memset           dq accumulator (default mode) and dbias accumulator (broadcast bias) to 0
+ *   3. dkdv kernel      dk, dv (or per-query-head fp32 partials), dbias, dq atomics (bwd_common.cuh)
+ *      dq kernel        deterministic mode only: dq rows owned by one CTA each
+ *   4. dq_convert       dq = scale * accumulator                                     (default mode)
+ *      kv_reduce        dk, dv = sum of the g per-query-head partials                 (GQA, CTA per query head)
+ *      dbias_finalize   dbias = sum of the fp32 accumulator over the partial dims     (broadcast bias)
+ *
+ * Devices: compute capability 9.0 (the plan refuses others with UNSUPPORTED; bwd_common.cuh says why).
+ *
+ * Workspace (fp32, each region 256-byte aligned): Di (B*H*Sq), dq accumulator (B*Sq*H*D, default mode),
+ * dk/dv partials (2*B*H*Sk*D, GQA split by query head), dbias accumulator (bias elements, or B*H*Sk for a
+ * row-broadcast bias). Never a (B, H, Sq, Sk) buffer.
+ */
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "backend.h"
+#include "bwd_common.cuh"
+
+namespace fdma_bwdk {
+
+struct Config {
+    int Dp, kBN;
+    int dbias_mode;
+    int per_head;     /* one CTA per query head, GQA reduction of fp32 partials afterwards */
+    int b_per_cta, hkv_per_cta;
+    int64_t AB, AH, A2;  /* dbias accumulator dims (with Sk) */
+    size_t off_di, off_dq, off_dk, off_dv, off_db, total;
+};
+
+static size_t align256(size_t x) { return (x + 255) & ~(size_t)255; }
+
+static int dims_equal_full(const fdma_params *p) {
+    const int64_t *d = p->bias.dim;
+    return (d[0] == p->B || p->B == 1) && (d[1] == p->H || p->H == 1) && (d[2] == p->Sq || p->Sq == 1);
+}
+
+static void make_config(const fdma_params *p, Config *c) {
+    memset(c, 0, sizeof(*c));
+    c->Dp = p->D <= 64 ? 64 : p->D <= 128 ? 128 : 256;
+    c->kBN = key_block(c->Dp);
+    const int64_t g = p->H / p->Hkv;
+    c->b_per_cta = 1;
+    c->hkv_per_cta = 1;
+    c->dbias_mode = DBIAS_NONE;
+    int heads_together = 0; /* dbias needs every query head of a kv head (or all heads) in one CTA */
+    if (p->bias.ptr && p->dbias) {
+        const int64_t *d = p->bias.dim;
+        if (dims_equal_full(p)) {
+            c->dbias_mode = DBIAS_DIRECT;
+        } else if (d[2] == 1) {
+            c->dbias_mode = DBIAS_ACC_ROWS; /* per (batch, query head, key) partials, reduced afterwards */
+            c->AB = p->B;
+            c->AH = p->H;
+            c->A2 = 1;
+        } else {
+            c->dbias_mode = DBIAS_ACC; /* one fp32 element per bias element: owners loop over sharers */
+            c->AB = d[0];
+            c->AH = d[1];
+            c->A2 = d[2];
+            if (d[0] == 1 && p->B > 1) c->b_per_cta = (int)p->B;
+            if (d[1] < p->H) heads_together = 1;
+            if (d[1] == 1 && p->H > 1) c->hkv_per_cta = (int)p->Hkv;
+        }
+    }
+    c->per_head = g > 1 && !heads_together;
+    const int64_t rows = p->B * p->H * p->Sq;
+    size_t off = 0;
+    c->off_di = off;
+    off += align256((size_t)rows * 4);
+    c->off_dq = off;
+    if (!p->deterministic) off += align256((size_t)rows * p->D * 4);
+    c->off_dk = off;
+    c->off_dv = off;
+    if (c->per_head) {
+        const size_t part = align256((size_t)(p->B * p->H * p->Sk * p->D) * 4);
+        c->off_dv = off + part;
+        off += 2 * part;
+    }
+    c->off_db = off;
+    if (c->dbias_mode == DBIAS_ACC || c->dbias_mode == DBIAS_ACC_ROWS)
+        off += align256((size_t)(c->AB * c->AH * c->A2 * p->Sk) * 4);
+    c->total = off;
+}
+
+/* ---- small kernels ------------------------------------------------------------------------------------ */
+
+template <typename T> __device__ __forceinline__ void load8(const T *p, float (&f)[8]) {
+    const uint4 u = *reinterpret_cast<const uint4 *>(p);
+    const T *h = reinterpret_cast<const T *>(&u);
+#pragma unroll
+    for (int e = 0; e < 8; e++) f[e] = to_f(h[e]);
+}
+
+template <typename T> __device__ __forceinline__ void store8(T *p, const float (&f)[8]) {
+    uint4 u;
+    T *h = reinterpret_cast<T *>(&u);
+#pragma unroll
+    for (int e = 0; e < 8; e++) h[e] = from_f<T>(f[e]);
+    *reinterpret_cast<uint4 *>(p) = u;
+}
+
+/* Di (B, H, Sq): one warp per row, 8 elements per lane per step. */
+template <typename T>
+__global__ void di_kernel(const T *out, const T *dout, int64_t os0, int64_t os1, int64_t os2, int64_t ds0,
+                          int64_t ds1, int64_t ds2, float *Di, int64_t H, int64_t Sq, int D, int64_t rows) {
+    const int64_t r = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    const int lane = threadIdx.x & 31;
+    if (r >= rows) return;
+    const int64_t i = r % Sq, h = (r / Sq) % H, b = r / (Sq * H);
+    const T *po = out + b * os0 + i * os1 + h * os2;
+    const T *pd = dout + b * ds0 + i * ds1 + h * ds2;
+    float acc = 0.f;
+    for (int d = lane * 8; d < D; d += 256) {
+        float x[8], y[8];
+        load8(po + d, x);
+        load8(pd + d, y);
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc += x[e] * y[e];
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) Di[r] = acc;
+}
+
+/* dq (B, Sq, H, D) = scale * acc (B, Sq, H, D) fp32. */
+template <typename T>
+__global__ void dq_convert(const float *acc, T *dq, int64_t s0, int64_t s1, int64_t s2, float scale, int64_t Sq,
+                           int64_t H, int D, int64_t n8) {
+    const int64_t x = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (x >= n8) return;
+    const int64_t e = x * 8;
+    const int d = (int)(e % D);
+    const int64_t r = e / D;
+    const int64_t h = r % H, i = (r / H) % Sq, b = r / (H * Sq);
+    float f[8];
+#pragma unroll
+    for (int k = 0; k < 8; k++) f[k] = acc[e + k] * scale;
+    store8(dq + b * s0 + i * s1 + h * s2 + d, f);
+}
+
+/* dk or dv (B, Sk, Hkv, D) = mul * sum over the g query heads of part (B, H, Sk, D), in head order. */
+template <typename T>
+__global__ void kv_reduce(const float *part, T *dst, int64_t s0, int64_t s1, int64_t s2, float mul, int64_t Sk,
+                          int64_t Hkv, int64_t g, int D, int64_t n8) {
+    const int64_t x = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (x >= n8) return;
+    const int64_t e = x * 8;
+    const int d = (int)(e % D);
+    const int64_t r = e / D;
+    const int64_t hkv = r % Hkv, j = (r / Hkv) % Sk, b = r / (Hkv * Sk);
+    float f[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int64_t hh = 0; hh < g; hh++) {
+        const float *src = part + (((b * Hkv + hkv) * g + hh) * Sk + j) * D + d;
+#pragma unroll
+        for (int k = 0; k < 8; k++) f[k] += src[k];
+    }
+#pragma unroll
+    for (int k = 0; k < 8; k++) f[k] *= mul;
+    store8(dst + b * s0 + j * s1 + hkv * s2 + d, f);
+}
+
+/* dbias (d0, d1, d2, Sk) = sum over the accumulator entries (AB, AH, A2, Sk) that map to it, fixed order. */
+template <typename T>
+__global__ void dbias_finalize(const float *acc, T *dbias, int64_t st0, int64_t st1, int64_t st2, int64_t st3,
+                               int64_t d0, int64_t d1, int64_t d2, int64_t Sk, int64_t AH, int64_t A2,
+                               int64_t nb_sum, int64_t nh_sum) {
+    const int64_t x = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (x >= d0 * d1 * d2 * Sk) return;
+    const int64_t j = x % Sk, e2 = (x / Sk) % d2, e1 = (x / (Sk * d2)) % d1, e0 = x / (Sk * d2 * d1);
+    float s = 0.f;
+    for (int64_t rb = 0; rb < nb_sum; rb++)
+        for (int64_t rh = 0; rh < nh_sum; rh++) {
+            const int64_t b = e0 * nb_sum + rb, hh = e1 * nh_sum + rh;
+            s += acc[((b * AH + hh) * A2 + (A2 == 1 ? 0 : e2)) * Sk + j];
+        }
+    dbias[e0 * st0 + e1 * st1 + e2 * st2 + j * st3] = from_f<T>(s);
+}
+
+static unsigned blocks_for(int64_t n, int threads) { return (unsigned)((n + threads - 1) / threads); }
+
+template <typename T>
+static cudaError_t run_small_pre(const fdma_params *p, float *Di, cudaStream_t st) {
+    const int64_t rows = p->B * p->H * p->Sq;
+    di_kernel<T><<<blocks_for(rows, 8), 256, 0, st>>>(
+        (const T *)p->out, (const T *)p->dout, p->out_stride[0], p->out_stride[1], p->out_stride[2],
+        p->dout_stride[0], p->dout_stride[1], p->dout_stride[2], Di, p->H, p->Sq, (int)p->D, rows);
+    return cudaGetLastError();
+}
+
+template <typename T>
+static cudaError_t run_small_post(const fdma_params *p, const Config &c, const Args &a, cudaStream_t st) {
+    cudaError_t err;
+    if (!p->deterministic) {
+        const int64_t n8 = p->B * p->Sq * p->H * p->D / 8;
+        dq_convert<T><<<blocks_for(n8, 256), 256, 0, st>>>(a.dqacc, (T *)p->dq, p->dq_stride[0], p->dq_stride[1],
+                                                           p->dq_stride[2], a.scale, p->Sq, p->H, (int)p->D, n8);
+        if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    }
+    if (c.per_head) {
+        const int64_t n8 = p->B * p->Sk * p->Hkv * p->D / 8;
+        /* the partials already carry the scale of dk */
+        kv_reduce<T><<<blocks_for(n8, 256), 256, 0, st>>>(a.dkpart, (T *)p->dk, p->dk_stride[0], p->dk_stride[1],
+                                                          p->dk_stride[2], 1.f, p->Sk, p->Hkv, a.g, (int)p->D, n8);
+        if ((err = cudaGetLastError()) != cudaSuccess) return err;
+        kv_reduce<T><<<blocks_for(n8, 256), 256, 0, st>>>(a.dvpart, (T *)p->dv, p->dv_stride[0], p->dv_stride[1],
+                                                          p->dv_stride[2], 1.f, p->Sk, p->Hkv, a.g, (int)p->D, n8);
+        if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    }
+    if (c.dbias_mode == DBIAS_ACC || c.dbias_mode == DBIAS_ACC_ROWS) {
+        const int64_t *d = p->bias.dim;
+        const int64_t n = d[0] * d[1] * d[2] * p->Sk;
+        int64_t st_[4];
+        for (int k = 0; k < 4; k++) st_[k] = d[k] == 1 ? 0 : p->dbias_stride[k];
+        dbias_finalize<T><<<blocks_for(n, 256), 256, 0, st>>>(a.dbacc, (T *)p->dbias, st_[0], st_[1], st_[2], st_[3],
+                                                              d[0], d[1], d[2], p->Sk, c.AH, c.A2, c.AB / d[0],
+                                                              c.AH / d[1]);
+        if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    }
+    return cudaSuccess;
+}
+
+static int aligned16(const void *ptr, const int64_t *st) {
+    return ((uintptr_t)ptr % 16 == 0) && st[0] % 8 == 0 && st[1] % 8 == 0 && st[2] % 8 == 0;
+}
+
+} /* namespace fdma_bwdk */
+
+using namespace fdma_bwdk;
+
+extern "C" fdma_status fdma_cuda_bwd_plan(const fdma_params *p, fdma_plan *plan) {
+    if (p->dtype != FDMA_DTYPE_F16 && p->dtype != FDMA_DTYPE_BF16)
+        return fdma_set_error(FDMA_STATUS_UNSUPPORTED,
+                              "fdma_bwd: dtype: the CUDA backend supports fp16 and bf16, got fp32 (use the CPU "
+                              "backend for fp32)");
+    if (p->D % 8 != 0 || p->D > 256)
+        return fdma_set_error(FDMA_STATUS_UNSUPPORTED,
+                              "fdma_bwd: D: the CUDA backend needs a multiple of 8 up to 256, got %lld",
+                              (long long)p->D);
+    if (p->window > 0)
+        return fdma_set_error(FDMA_STATUS_UNSUPPORTED,
+                              "fdma_bwd: window: the CUDA backward does not run the top-k window (window=%lld) "
+                              "yet; pass the keep mask from fdma_create_mask as mask with window=0",
+                              (long long)p->window);
+    if (p->Sq >= INT32_MAX - 256 || p->Sk >= INT32_MAX - 256)
+        return fdma_set_error(FDMA_STATUS_UNSUPPORTED,
+                              "fdma_bwd: Sq and Sk must be below 2^31 - 256 on the CUDA backend, got Sq=%lld Sk=%lld",
+                              (long long)p->Sq, (long long)p->Sk);
+    if (p->H > 65535 || p->B > 65535)
+        return fdma_set_error(FDMA_STATUS_UNSUPPORTED,
+                              "fdma_bwd: H and B must be at most 65535 on the CUDA backend, got H=%lld B=%lld",
+                              (long long)p->H, (long long)p->B);
+    const struct {
+        const char *name;
+        const void *ptr;
+        const int64_t *st;
+    } t[] = {{"q", p->q, p->q_stride},    {"k", p->k, p->k_stride},       {"v", p->v, p->v_stride},
+             {"out", p->out, p->out_stride}, {"dout", p->dout, p->dout_stride}, {"dq", p->dq, p->dq_stride},
+             {"dk", p->dk, p->dk_stride}, {"dv", p->dv, p->dv_stride}};
+    for (size_t x = 0; x < sizeof(t) / sizeof(t[0]); x++)
+        if (!aligned16(t[x].ptr, t[x].st))
+            return fdma_set_error(FDMA_STATUS_UNSUPPORTED,
+                                  "fdma_bwd: %s: the CUDA backward needs a 16-byte aligned pointer and batch/seq/head "
+                                  "strides that are multiples of 8 elements, got ptr=%p strides=(%lld, %lld, %lld)",
+                                  t[x].name, t[x].ptr, (long long)t[x].st[0], (long long)t[x].st[1],
+                                  (long long)t[x].st[2]);
+    int dev = 0, major = 0;
+    cudaError_t err = cudaGetDevice(&dev);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    if (err != cudaSuccess)
+        return fdma_set_error(FDMA_STATUS_CUDA_ERROR, "fdma_bwd: %s", cudaGetErrorString(err));
+    if (major < 9)
+        return fdma_set_error(FDMA_STATUS_UNSUPPORTED,
+                              "fdma_bwd: the CUDA backward kernels of this build run on compute capability 9.0 (H100, "
+                              "H200) only; device %d has %d.x (use the CPU or Triton backend there)",
+                              dev, major);
+    Config c;
+    make_config(p, &c);
+    snprintf(plan->name, sizeof(plan->name), "cuda_bwd_%s_d%d%s%s", p->dtype == FDMA_DTYPE_BF16 ? "bf16" : "f16",
+             c.Dp, p->deterministic ? "_det" : "", c.per_head ? "_gqasplit" : "");
+    plan->workspace_bytes = c.total;
+    plan->variant = c.Dp;
+    plan->flags = c.dbias_mode;
+    return FDMA_STATUS_OK;
+}
+
+extern "C" fdma_status fdma_cuda_bwd_run(const fdma_params *p, const fdma_plan *plan) {
+    Config c;
+    make_config(p, &c);
+    if (p->workspace_bytes < c.total || (c.total > 0 && p->workspace == NULL))
+        return fdma_set_error(FDMA_STATUS_WORKSPACE_TOO_SMALL, "fdma_bwd: workspace: need %zu bytes, got %zu",
+                              c.total, p->workspace_bytes);
+    cudaStream_t st = (cudaStream_t)p->stream;
+    char *ws = (char *)p->workspace;
+    const int bf16 = p->dtype == FDMA_DTYPE_BF16;
+
+    Args a;
+    memset(&a, 0, sizeof(a));
+    a.q = p->q;
+    a.k = p->k;
+    a.v = p->v;
+    a.out = p->out;
+    a.dout = p->dout;
+    for (int x = 0; x < 3; x++) {
+        a.qs[x] = p->q_stride[x];
+        a.ks[x] = p->k_stride[x];
+        a.vs[x] = p->v_stride[x];
+        a.dos[x] = p->dout_stride[x];
+        a.dqs[x] = p->dq_stride[x];
+        a.dks[x] = p->dk_stride[x];
+        a.dvs[x] = p->dv_stride[x];
+    }
+    a.dq = p->dq;
+    a.dk = p->dk;
+    a.dv = p->dv;
+    a.B = (int)p->B;
+    a.H = (int)p->H;
+    a.Hkv = (int)p->Hkv;
+    a.g = (int)(p->H / p->Hkv);
+    a.D = (int)p->D;
+    a.Sq = p->Sq;
+    a.Sk = p->Sk;
+    a.sq = (int)p->Sq;
+    a.sk = (int)p->Sk;
+    a.scale = p->scale;
+    a.softcap = p->softcap;
+    a.inv_softcap = p->softcap > 0.f ? 1.f / p->softcap : 0.f;
+    a.causal = p->causal != 0;
+    a.dropout = p->p_drop > 0.f;
+    a.drop_thr = fdma_dropout_threshold(p->p_drop);
+    a.drop_scale = 1.f / (1.f - p->p_drop);
+    a.seed = p->seed;
+    a.offset = p->offset;
+    /* broadcast views: a dim of size 1 gets stride 0; head index = h / div */
+    auto view = [&](const fdma_view4 &vw, int64_t s[4], int *div) {
+        for (int x = 0; x < 4; x++) s[x] = vw.dim[x] == 1 ? 0 : vw.stride[x];
+        *div = (vw.dim[1] == p->H || vw.dim[1] == 1) ? 1 : a.g;
+    };
+    if (p->mask.ptr) {
+        a.mask = (const uint8_t *)p->mask.ptr;
+        view(p->mask, a.ms, &a.mhdiv);
+    } else {
+        a.mhdiv = 1;
+    }
+    if (p->bias.ptr) {
+        a.bias = p->bias.ptr;
+        view(p->bias, a.bs, &a.bhdiv);
+    } else {
+        a.bhdiv = 1;
+    }
+    a.achdiv = 1;
+    a.dbias_mode = c.dbias_mode;
+    if (c.dbias_mode == DBIAS_DIRECT) {
+        a.dbias = p->dbias;
+        for (int x = 0; x < 4; x++) a.dbs[x] = p->bias.dim[x] == 1 ? 0 : p->dbias_stride[x];
+    } else if (c.dbias_mode != DBIAS_NONE) {
+        a.dbacc = (float *)(ws + c.off_db);
+        a.acs[2] = c.A2 == 1 ? 0 : p->Sk;
+        a.acs[1] = c.AH == 1 ? 0 : c.A2 * p->Sk;
+        a.acs[0] = c.AB == 1 ? 0 : c.AH * c.A2 * p->Sk;
+        a.achdiv = (c.AH == p->H || c.AH == 1) ? 1 : a.g;
+    }
+    a.lse = p->lse;
+    a.Di = (const float *)(ws + c.off_di);
+    a.dqacc = p->deterministic ? nullptr : (float *)(ws + c.off_dq);
+    a.dkpart = c.per_head ? (float *)(ws + c.off_dk) : nullptr;
+    a.dvpart = c.per_head ? (float *)(ws + c.off_dv) : nullptr;
+    a.b_per_cta = c.b_per_cta;
+    a.hkv_per_cta = c.hkv_per_cta;
+    a.hph = c.per_head ? 1 : a.g;
+
+    cudaError_t err = bf16 ? run_small_pre<__nv_bfloat16>(p, (float *)(ws + c.off_di), st)
+                           : run_small_pre<__half>(p, (float *)(ws + c.off_di), st);
+    if (err == cudaSuccess && a.dqacc)
+        err = cudaMemsetAsync(a.dqacc, 0, (size_t)(p->B * p->Sq * p->H * p->D) * 4, st);
+    if (err == cudaSuccess && a.dbacc)
+        err = cudaMemsetAsync(a.dbacc, 0, (size_t)(c.AB * c.AH * c.A2 * p->Sk) * 4, st);
+    if (err == cudaSuccess) {
+        const dim3 grid((unsigned)((p->Sk + c.kBN - 1) / c.kBN),
+                        (unsigned)(c.per_head ? p->H : p->Hkv / c.hkv_per_cta), (unsigned)(p->B / c.b_per_cta));
+        err = c.Dp == 64    ? launch_d64(a, bf16, p->deterministic, grid, st)
+              : c.Dp == 128 ? launch_d128(a, bf16, p->deterministic, grid, st)
+                            : launch_d256(a, bf16, p->deterministic, grid, st);
+    }
+    if (err == cudaSuccess)
+        err = bf16 ? run_small_post<__nv_bfloat16>(p, c, a, st) : run_small_post<__half>(p, c, a, st);
+    if (err != cudaSuccess)
+        return fdma_set_error(FDMA_STATUS_CUDA_ERROR, "fdma_bwd (%s): %s", plan ? plan->name : "cuda_bwd",
+                              cudaGetErrorString(err));
+    return FDMA_STATUS_OK;
+}

@@ -1,0 +1,855 @@
+/*
+ * bwd_common.cuh -- the CUDA backward kernels of flash-dmattn (SPEC section 4), as templates that the
+ * per-head-dim translation units bwd_d64.cu, bwd_d128.cu, bwd_d256.cu instantiate. Hand-written code
+ * (mma.sync m16n8k16 with fp32 accumulate, ldmatrix, cp.async, through the small PTX wrappers below); built
+ * for sm90 only for now (see kDkdvBM for why sm80 is refused).
+ *
+ * Shapes: q, out, dout, dq (B, Sq, H, D); k, v, dk, dv (B, Sk, Hkv, D); lse, Di (B, H, Sq) fp32;
+ * mask, bias, dbias 4-D views ({B|1}, {H|Hkv|1}, {Sq|1}, Sk). D is padded to kDp (64, 128, 256) in shared
+ * memory with zeros; g = H / Hkv query heads share one kv head.
+ *
+ * Algorithm (FlashAttention-2 backward, transposed so that every warp owns 16 keys):
+ *   dkdv kernel, one CTA per (key block of kBN keys, kv head or query head, batch), kBN/16 warps:
+ *     for each query head h it owns, for each query block of 32 rows (causal and all-False mask tiles
+ *     skipped; Q, dO, lse, Di double-buffered with cp.async):
+ *       S^T  = K Q^T                          (warp: 16 keys x 32 queries, registers)
+ *       P^T  = exp(softcap/bias/scale(S^T) - lse), 0 where not visible
+ *       dV  += (P^T * z / (1 - p_drop)) dO      (A operand straight from the S^T registers)
+ *       dP^T = V dO^T;  dS^T = P^T * (dP^T * z / (1 - p_drop) - Di)   -> dbias (written or reduced)
+ *       dSc  = dS * (1 - tanh^2(s_pre / softcap))  (softcap only; S^T recomputed, no extra registers)
+ *       dK  += dSc^T Q
+ *       dQ  += dSc K  -> fp32 atomics into a workspace accumulator (default), or nothing (deterministic)
+ *     For kDp > 64 the dV and dK accumulators (16 x kDp fp32 per warp each) do not both fit in registers:
+ *     the query loop runs once per 128-column slice of dV, then once per slice of dK (the first dK pass also
+ *     does dQ and dbias), recomputing S^T each time (kDp = 128: 6 matrix products instead of 5).
+ *   dq kernel (deterministic=1 only), one CTA per (64 query rows, query head, batch), 4 warps of 16 rows:
+ *     recomputes S, P, dP, dS over the visible key blocks and owns dq rows: no atomics.
+ *   Small kernels in bwd.cu: Di = rowsum(dout * out), dq/dk/dv conversion and GQA reduction of per-head
+ *   partials, dbias finalisation.
+ *
+ * dbias: a bias without broadcast dims gets dS written in place (mode DIRECT). Every broadcast form is
+ * accumulated in fp32 in the workspace (mode ACC: one fp32 element per bias element, or per (batch, query
+ * head, key) partial for row-broadcast biases), each element owned by exactly one thread of one CTA (the
+ * host makes a CTA loop over the batches or kv heads that share an element), so the result is the same
+ * bit for bit on every run.
+ */
+#ifndef FDMA_CUDA_BWD_COMMON_CUH
+#define FDMA_CUDA_BWD_COMMON_CUH
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "philox.h"
+
+namespace fdma_bwdk {
+
+/* ---- kernel arguments (host fills, kernels read by value) -------------------------------------------- */
+
+enum { DBIAS_NONE = 0, DBIAS_DIRECT = 1, DBIAS_ACC = 2, DBIAS_ACC_ROWS = 3 };
+
+struct Args {
+    const void *q, *k, *v, *out, *dout;
+    int64_t qs[3], ks[3], vs[3], dos[3]; /* (batch, seq, head) strides in elements; dim stride is 1 */
+    void *dq, *dk, *dv;
+    int64_t dqs[3], dks[3], dvs[3];
+    const uint8_t *mask; /* element (b,h,i,j) at b*ms[0] + (h/mhdiv)*ms[1] + i*ms[2] + j*ms[3] */
+    int64_t ms[4];
+    int mhdiv;
+    const void *bias;
+    int64_t bs[4];
+    int bhdiv;
+    int dbias_mode;      /* DBIAS_* */
+    void *dbias;         /* DIRECT: dbias[b*dbs[0] + h*dbs[1] + i*dbs[2] + j*dbs[3]] */
+    int64_t dbs[4];
+    float *dbacc;        /* ACC: dbacc[b*acs[0] + (h/achdiv)*acs[1] + i*acs[2] + j] */
+    int64_t acs[3];
+    int achdiv;
+    const float *lse;    /* (B, H, Sq) */
+    const float *Di;     /* (B, H, Sq) */
+    float *dqacc;        /* (B, Sq, H, D) fp32, default mode */
+    float *dkpart, *dvpart; /* (B, H, Sk, D) fp32 per-query-head partials when hph == 1 and g > 1 */
+    int B, H, Hkv, g, D;
+    int64_t Sq, Sk;
+    int sq, sk; /* the same as 32-bit ints (the plan refuses Sq, Sk >= 2^31 - 256) for per-element tests */
+    float scale, softcap, inv_softcap;
+    int causal;
+    int dropout;
+    uint32_t drop_thr;
+    float drop_scale;
+    uint64_t seed, offset;
+    int b_per_cta, hkv_per_cta, hph; /* CTA ownership: batches, kv heads, query heads per kv head; hph == 1
+                                        with g > 1 means one CTA per query head (grid.y = H) */
+};
+
+/* ---- PTX wrappers ------------------------------------------------------------------------------------- */
+
+__device__ __forceinline__ uint32_t smem_u32(const void *p) {
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+/* 16-byte async copy; pred false writes 16 zero bytes (src-size 0, nothing read). */
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool pred) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+                 "r"(pred ? 16 : 0));
+}
+
+__device__ __forceinline__ void cp_async4(void *dst, const void *src, bool pred) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+                 "r"(pred ? 4 : 0));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+/* ldmatrix on 32-bit shared-space addresses (tile base + 2 * element offset): cheaper to keep than generic
+ * pointers. */
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void *p) {
+    const uint32_t addr = smem_u32(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void *p) {
+    const uint32_t addr = smem_u32(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+template <typename T> struct Mma;
+template <> struct Mma<__nv_bfloat16> {
+    static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+                     "{%8,%9}, {%0,%1,%2,%3};\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    static __device__ __forceinline__ uint32_t pack(float x, float y) {
+        __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+        return *reinterpret_cast<uint32_t *>(&h);
+    }
+};
+template <> struct Mma<__half> {
+    static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+                     "{%8,%9}, {%0,%1,%2,%3};\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    static __device__ __forceinline__ uint32_t pack(float x, float y) {
+        __half2 h = __floats2half2_rn(x, y);
+        return *reinterpret_cast<uint32_t *>(&h);
+    }
+};
+
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
+
+/* ---- shared-memory tiles --------------------------------------------------------------------------------
+ * A tile of R rows x C elements (C a multiple of 64), 16-byte chunk ch of row r stored at chunk ch ^ (r & 7):
+ * the 8 rows that one ldmatrix phase reads land in 8 different bank groups. */
+template <int C> __device__ __forceinline__ int swz(int r, int ch) { return r * C + ((ch ^ (r & 7)) << 3); }
+
+/* Rows [0, R) of a global (rows, D) slab with row stride `rs` into a swizzled R x C tile; rows >= nvalid and
+ * columns >= D become zeros. */
+template <typename T, int R, int C, int kThreads>
+__device__ __forceinline__ void load_rows(T *s, const T *g, int64_t rs, int64_t nvalid, int D) {
+    constexpr int kCh = C / 8;
+#pragma unroll
+    for (int c = threadIdx.x; c < R * kCh; c += kThreads) {
+        const int r = c / kCh, ch = c % kCh;
+        const bool pred = r < nvalid && ch * 8 < D;
+        cp_async16(s + swz<C>(r, ch), pred ? g + r * rs + ch * 8 : g, pred);
+    }
+}
+
+/* ldmatrix addresses, split into a per-lane part computed once and compile-time constants, so that the
+ * compiler folds them into the instructions' immediate offsets instead of keeping one register per address.
+ * A 16x16 operand spans 16-byte chunks 2q and 2q+1 (q = 16-column step); with the swizzle above, chunk
+ * 2q + c of a row r (r % 8 == lane % 8) sits at 8*(q>>2) + ((2*(q&3)) ^ y), y = c ^ (lane & 7).
+ *   A  non-trans: A (m16 x k16) at rows r0.., k step q of a [m][k] tile
+ *   B  non-trans: two n8 tiles at rows n0.., k step q of a [n][k] tile
+ *   Bt trans:     two n8 tiles, n step q, at rows k0.. of a [k][n] tile
+ *   At trans:     A (m16 x k16), m step q, at rows k0.. of a [k][m] tile */
+struct Lane {
+    int yA, yB;     /* swizzle selectors */
+    int rA, rB, rT; /* row inside the 16-row group for the A, B/At and Bt patterns */
+};
+__device__ __forceinline__ Lane make_lane(int lane) {
+    Lane L;
+    L.yA = (lane >> 4) ^ (lane & 7);
+    L.yB = ((lane >> 3) & 1) ^ (lane & 7);
+    L.rA = lane & 15;
+    L.rB = (lane & 7) + ((lane >> 4) << 3);
+    L.rT = (lane & 7) + (((lane >> 3) & 1) << 3);
+    return L;
+}
+__device__ __forceinline__ int chunk_off(int q, int y) { return ((q >> 2) << 6) + (((2 * (q & 3)) ^ y) << 3); }
+template <int C> __device__ __forceinline__ int a_off(const Lane &L, int r0, int q) {
+    return (r0 + L.rA) * C + chunk_off(q, L.yA);
+}
+template <int C> __device__ __forceinline__ int b_off(const Lane &L, int n0, int q) {
+    return (n0 + L.rB) * C + chunk_off(q, L.yB);
+}
+template <int C> __device__ __forceinline__ int bt_off(const Lane &L, int k0, int q) {
+    return (k0 + L.rT) * C + chunk_off(q, L.yA);
+}
+template <int C> __device__ __forceinline__ int at_off(const Lane &L, int k0, int q) {
+    return (k0 + L.rB) * C + chunk_off(q, L.yB);
+}
+
+/* c (16 x 8kN) = A[r0 .. r0+16)[0, kDp) . B[0 .. 8kN)[0, kDp)^T, both [row][kDp] tiles; k steps past D
+ * skipped. */
+template <typename T, int kDp, int kN>
+__device__ __forceinline__ void gemm_rows_bt(float (&c)[kN][4], const T *sA, int r0, const T *sB, int ksteps,
+                                             const Lane &L) {
+#pragma unroll
+    for (int n = 0; n < kN; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) c[n][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kDp / 16; kk++) {
+        if (kk < ksteps) {
+            uint32_t a[4];
+            ldsm_x4(a, sA + a_off<kDp>(L, r0, kk));
+#pragma unroll
+            for (int np = 0; np < kN / 2; np++) {
+                uint32_t b[4];
+                ldsm_x4(b, sB + b_off<kDp>(L, np * 16, kk));
+                Mma<T>::run(c[2 * np], a, b[0], b[1]);
+                Mma<T>::run(c[2 * np + 1], a, b[2], b[3]);
+            }
+        }
+    }
+}
+
+/* acc (16 x kAcc) += A (16 x 8kN, registers, A-fragment layout) . B (8kN x [kC0, kC0 + kAcc)) of a [k][kDp]
+ * tile; column steps past D skipped. */
+template <typename T, int kDp, int kN, int kAcc = kDp, int kC0 = 0>
+__device__ __forceinline__ void gemm_regs_b(float (&acc)[kAcc / 8][4], const uint32_t (&a)[kN / 2][4], const T *sB,
+                                            int nsteps, const Lane &L) {
+#pragma unroll
+    for (int np = 0; np < kAcc / 16; np++) {
+        if (kC0 / 16 + np < nsteps) {
+#pragma unroll
+            for (int kq = 0; kq < kN / 2; kq++) {
+                uint32_t b[4];
+                ldsm_x4_t(b, sB + bt_off<kDp>(L, kq * 16, kC0 / 16 + np));
+                Mma<T>::run(acc[2 * np], a[kq], b[0], b[1]);
+                Mma<T>::run(acc[2 * np + 1], a[kq], b[2], b[3]);
+            }
+        }
+    }
+}
+
+/* C fragments (16 x 8kN) -> A fragments (16 x k 8kN), scaled elementwise by f(n, e). */
+template <typename T, int kN, typename F>
+__device__ __forceinline__ void to_afrag(uint32_t (&a)[kN / 2][4], const float (&c)[kN][4], F f) {
+#pragma unroll
+    for (int kq = 0; kq < kN / 2; kq++) {
+        a[kq][0] = Mma<T>::pack(c[2 * kq][0] * f(2 * kq, 0), c[2 * kq][1] * f(2 * kq, 1));
+        a[kq][1] = Mma<T>::pack(c[2 * kq][2] * f(2 * kq, 2), c[2 * kq][3] * f(2 * kq, 3));
+        a[kq][2] = Mma<T>::pack(c[2 * kq + 1][0] * f(2 * kq + 1, 0), c[2 * kq + 1][1] * f(2 * kq + 1, 1));
+        a[kq][3] = Mma<T>::pack(c[2 * kq + 1][2] * f(2 * kq + 1, 2), c[2 * kq + 1][3] * f(2 * kq + 1, 3));
+    }
+}
+
+/* ---- per-element pieces shared by both kernels -------------------------------------------------------
+ * A 16 x 8kN C-fragment tile: element (n, e) of a thread is at tile row gid + 8*(e>>1), column
+ * 8n + 2*t4 + (e&1). In the dkdv kernel rows are keys and columns queries (kTr = true); in the dq kernel
+ * rows are queries and columns keys. */
+template <bool kTr>
+__device__ __forceinline__ void elem_ij(int n, int e, int row0, int lane, int &il, int &jl) {
+    const int r = row0 + (lane >> 2) + ((e >> 1) << 3);
+    const int c = n * 8 + ((lane & 3) << 1) + (e & 1);
+    if (kTr) {
+        il = c;
+        jl = r;
+    } else {
+        il = r;
+        jl = c;
+    }
+}
+
+/* Visible bits (bit 4n+e) of the thread's 32 elements: in range, causal, mask. */
+template <bool kTr, int kN>
+__device__ __forceinline__ uint32_t visible_bits(const Args &a, int b, int h, int64_t i0, int64_t j0, int row0,
+                                                 int lane) {
+    uint32_t bits = 0;
+    const uint8_t *mrow = a.mask ? a.mask + b * a.ms[0] + (int64_t)(h / a.mhdiv) * a.ms[1] : nullptr;
+    const int shift = a.sk - a.sq;
+#pragma unroll 1
+    for (int n = 0; n < kN; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int il, jl;
+            elem_ij<kTr>(n, e, row0, lane, il, jl);
+            const int i = (int)i0 + il, j = (int)j0 + jl;
+            bool ok = i < a.sq && j < a.sk && (!a.causal || j - i <= shift);
+            if (ok && mrow) ok = __ldg(mrow + (int64_t)i * a.ms[2] + (int64_t)j * a.ms[3]) != 0;
+            bits |= (uint32_t)ok << (4 * n + e);
+        }
+    return bits;
+}
+
+/* Dropout keep bits (SPEC section 5) of the thread's 32 elements. */
+template <bool kTr, int kN>
+__device__ __forceinline__ uint32_t keep_bits(const Args &a, int b, int h, int64_t i0, int64_t j0, int row0,
+                                              int lane) {
+    uint32_t bits = 0;
+    const uint64_t row_base = ((uint64_t)b * a.H + h) * (uint64_t)a.Sq;
+#pragma unroll 1
+    for (int n = 0; n < kN; n++)
+#pragma unroll 1
+        for (int e = 0; e < 4; e++) {
+            if (!kTr && (e & 1)) continue;
+            int il, jl;
+            elem_ij<kTr>(n, e, row0, lane, il, jl);
+            const uint64_t i = (uint64_t)(i0 + il), j = (uint64_t)(j0 + jl);
+            uint32_t w[4];
+            fdma_dropout_words(a.seed, a.offset, row_base + i, j, w);
+            bits |= (uint32_t)(w[j & 3] >= a.drop_thr) << (4 * n + e);
+            if (!kTr) bits |= (uint32_t)(w[(j + 1) & 3] >= a.drop_thr) << (4 * n + e + 1);
+        }
+    return bits;
+}
+
+/* s (raw q.k) -> p = exp(s' - lse) where visible, 0 elsewhere; s' = scale/softcap/bias as in the forward.
+ * lse(il) returns the row's lse (+inf for an empty row, so that p = 0). */
+template <typename T, bool kTr, int kN, typename L>
+__device__ __forceinline__ void scores_to_p(const Args &a, float (&s)[kN][4], uint32_t vis, int b, int h, int64_t i0,
+                                            int64_t j0, int row0, int lane, L lse) {
+    const T *brow = a.bias ? (const T *)a.bias + b * a.bs[0] + (int64_t)(h / a.bhdiv) * a.bs[1] : nullptr;
+    constexpr float kLog2e = 1.4426950408889634f;
+#pragma unroll
+    for (int n = 0; n < kN; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int il, jl;
+            elem_ij<kTr>(n, e, row0, lane, il, jl);
+            float x = s[n][e] * a.scale;
+            if (a.softcap > 0.f) x = a.softcap * tanhf(x * a.inv_softcap);
+            const bool v = (vis >> (4 * n + e)) & 1;
+            if (brow && v) x += to_f(brow[(int64_t)((int)i0 + il) * a.bs[2] + (int64_t)((int)j0 + jl) * a.bs[3]]);
+            s[n][e] = v ? exp2f((x - lse(il)) * kLog2e) : 0.f;
+        }
+}
+
+/* dp -> ds = p * (dp * z / (1 - p_drop) - Di) in place. */
+template <bool kTr, int kN, typename F>
+__device__ __forceinline__ void dp_to_ds(const Args &a, float (&dp)[kN][4], const float (&p)[kN][4], uint32_t keep,
+                                         int row0, int lane, F di) {
+#pragma unroll
+    for (int n = 0; n < kN; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int il, jl;
+            elem_ij<kTr>(n, e, row0, lane, il, jl);
+            const float z = ((keep >> (4 * n + e)) & 1) ? a.drop_scale : 0.f;
+            dp[n][e] = p[n][e] * (dp[n][e] * z - di(il));
+        }
+}
+
+/* ds -> ds * (1 - tanh^2(s_pre / softcap)), s_pre = scale * s (s recomputed raw q.k). */
+template <int kN>
+__device__ __forceinline__ void softcap_grad(const Args &a, float (&ds)[kN][4], const float (&s)[kN][4]) {
+#pragma unroll
+    for (int n = 0; n < kN; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const float t = tanhf(s[n][e] * a.scale * a.inv_softcap);
+            ds[n][e] *= 1.f - t * t;
+        }
+}
+
+/* ---- dkdv kernel ------------------------------------------------------------------------------------------ */
+
+/* Query rows per step of the dkdv kernel: 32 keeps the 16 x 128 accumulator, S^T, dP^T and the per-element
+ * work inside 255 registers on sm90 (64 spilled). dS^T is kept [key][kBM + 8] (80-byte rows: conflict-free for
+ * ldmatrix and for the fragment stores).
+ * sm80: ptxas spills a few bytes in most variants of these kernels at 255 registers (tried: 16-row steps,
+ * 64-column passes, rolled k loops), and the library builds with spills as errors, so fdma_cuda_bwd_plan refuses
+ * devices below sm90 and the kernels carry no sm80 code. */
+constexpr int kDkdvBM = 32;
+constexpr int kDqChunkMax = 64;
+constexpr int kDkdvBMMax = 32;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define FDMA_BWD_NO_DEVICE_CODE 1
+#endif
+constexpr int kSdsStride = kDkdvBM + 8;
+
+template <int kDp, int kBN, bool kDQ> struct DkdvSmem {
+    static constexpr int kBM = kDkdvBMMax;
+    static constexpr size_t bytes_of(size_t esz) {
+        return esz * (2 * (size_t)kBN * kDp + 4 * (size_t)kBM * kDp + (kDQ ? (size_t)kBN * (kBM + 8) : 0)) +
+               4 * sizeof(float) * kBM;
+    }
+};
+
+/* DIRECT dbias: zeros over rows [r_lo, r_hi) x keys [j0, j0 + kBN) of head h (tiles the kernel skips). */
+template <typename T, int kBN, int kThreads>
+__device__ void dbias_zero(const Args &a, int b, int h, int64_t r_lo, int64_t r_hi, int64_t j0) {
+    if (r_hi > a.Sq) r_hi = a.Sq;
+    if (r_hi <= r_lo) return;
+    T *base = (T *)a.dbias + b * a.dbs[0] + (int64_t)h * a.dbs[1];
+    const int64_t n = (r_hi - r_lo) * kBN;
+    for (int64_t x = threadIdx.x; x < n; x += kThreads) {
+        const int64_t i = r_lo + x / kBN, j = j0 + x % kBN;
+        if (j < a.Sk) base[i * a.dbs[2] + j * a.dbs[3]] = from_f<T>(0.f);
+    }
+}
+
+/* dS tile (kTr layout, fp32, masked entries already 0) -> dbias. Every element of the tile has one owner
+ * thread, and the same thread owns it for every head and batch the CTA loops over. */
+template <typename T, int kN>
+__device__ __forceinline__ void dbias_tile(const Args &a, const float (&ds)[kN][4], int b, int h, int64_t i0,
+                                           int64_t j0, int row0, int lane) {
+    if (a.dbias_mode == DBIAS_DIRECT) {
+        T *base = (T *)a.dbias + b * a.dbs[0] + (int64_t)h * a.dbs[1];
+#pragma unroll
+        for (int n = 0; n < kN; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int il, jl;
+                elem_ij<true>(n, e, row0, lane, il, jl);
+                const int64_t i = i0 + il, j = j0 + jl;
+                if (i < a.Sq && j < a.Sk) base[i * a.dbs[2] + j * a.dbs[3]] = from_f<T>(ds[n][e]);
+            }
+    } else if (a.dbias_mode == DBIAS_ACC) {
+        float *base = a.dbacc + b * a.acs[0] + (int64_t)(h / a.achdiv) * a.acs[1];
+#pragma unroll
+        for (int n = 0; n < kN; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int il, jl;
+                elem_ij<true>(n, e, row0, lane, il, jl);
+                const int64_t i = i0 + il, j = j0 + jl;
+                if (i < a.Sq && j < a.Sk) base[i * a.acs[2] + j] += ds[n][e];
+            }
+    } else if (a.dbias_mode == DBIAS_ACC_ROWS) {
+        float r0 = 0.f, r1 = 0.f; /* keys row0 + gid and row0 + gid + 8, summed over the tile's queries */
+#pragma unroll
+        for (int n = 0; n < kN; n++) {
+            r0 += ds[n][0] + ds[n][1];
+            r1 += ds[n][2] + ds[n][3];
+        }
+        r0 += __shfl_xor_sync(0xffffffffu, r0, 1);
+        r1 += __shfl_xor_sync(0xffffffffu, r1, 1);
+        r0 += __shfl_xor_sync(0xffffffffu, r0, 2);
+        r1 += __shfl_xor_sync(0xffffffffu, r1, 2);
+        if ((lane & 3) == 0) {
+            float *base = a.dbacc + b * a.acs[0] + (int64_t)(h / a.achdiv) * a.acs[1];
+            const int64_t j = j0 + row0 + (lane >> 2);
+            if (j < a.Sk) base[j] += r0;
+            if (j + 8 < a.Sk) base[j + 8] += r1;
+        }
+    }
+}
+
+/* One pass of the query loop of a dkdv CTA over heads [h_lo, h_lo + nh) of kv head hkv, batch b: accumulates
+ * columns [kC0, kC0 + kAcc) of dV (kDoDV) and/or dK (kDoDK); the first dK pass also does dbias and dQ. */
+template <typename T, int kDp, int kBN, bool kDQ, bool kDoDV, bool kDoDK, int kAcc, int kC0>
+__device__ __forceinline__ void dkdv_pass(const Args &a, unsigned char *smem, int b, int hkv, int h_lo, int nh,
+                                          int m_first, int nm, int64_t n0, float (&accV)[kAcc / 8][4],
+                                          float (&accK)[kAcc / 8][4]) {
+    constexpr bool kFirstDK = kDoDK && kC0 == 0;
+    constexpr int kBM = kDkdvBM, kN = kBM / 8, kThreads = kBN * 2;
+    T *sK = reinterpret_cast<T *>(smem);
+    T *sV = sK + kBN * kDp;
+    T *sQ = sV + kBN * kDp;
+    T *sdO = sQ + 2 * kBM * kDp;
+    T *sdS = sdO + 2 * kBM * kDp;
+    float *sLse = reinterpret_cast<float *>(sdS + (kDQ ? kBN * kSdsStride : 0));
+    float *sDi = sLse + 2 * kBM;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int row0 = warp * 16;
+    const int ksteps = (a.D + 15) >> 4;
+    const int ntiles = nh * nm;
+    const Lane L = make_lane(lane);
+
+    auto load_tile = [&](int t, int buf) {
+        const int h = h_lo + t / nm;
+        const int64_t i0 = (int64_t)(m_first + t % nm) * kBM;
+        const T *gq = (const T *)a.q + b * a.qs[0] + (int64_t)h * a.qs[2] + i0 * a.qs[1];
+        const T *gdo = (const T *)a.dout + b * a.dos[0] + (int64_t)h * a.dos[2] + i0 * a.dos[1];
+        load_rows<T, kBM, kDp, kThreads>(sQ + buf * kBM * kDp, gq, a.qs[1], a.Sq - i0, a.D);
+        load_rows<T, kBM, kDp, kThreads>(sdO + buf * kBM * kDp, gdo, a.dos[1], a.Sq - i0, a.D);
+        const int r = threadIdx.x & (kBM - 1);
+        const int64_t off = ((int64_t)b * a.H + h) * a.Sq + i0 + r;
+        const bool ok = i0 + r < a.Sq;
+        if (threadIdx.x < kBM) cp_async4(sLse + buf * kBM + r, ok ? a.lse + off : a.lse, ok);
+        else if (threadIdx.x < 2 * kBM) cp_async4(sDi + buf * kBM + r, ok ? a.Di + off : a.Di, ok);
+    };
+
+    load_tile(0, 0);
+    cp_async_commit();
+    for (int t = 0; t < ntiles; t++) {
+        const int buf = t & 1;
+        __syncthreads();
+        if (t + 1 < ntiles) load_tile(t + 1, buf ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+
+        const int h = h_lo + t / nm;
+        const int64_t i0 = (int64_t)(m_first + t % nm) * kBM;
+        const uint32_t vis = visible_bits<true, kN>(a, b, h, i0, n0, row0, lane);
+        if (!__syncthreads_or(vis != 0)) {
+            if (kFirstDK && a.dbias_mode == DBIAS_DIRECT) dbias_zero<T, kBN, kThreads>(a, b, h, i0, i0 + kBM, n0);
+            continue;
+        }
+        const uint32_t keep = a.dropout ? keep_bits<true, kN>(a, b, h, i0, n0, row0, lane) : 0xffffffffu;
+        const T *sQb = sQ + buf * kBM * kDp, *sdOb = sdO + buf * kBM * kDp;
+        const float *lse_s = sLse + buf * kBM, *di_s = sDi + buf * kBM;
+
+        /* S^T = K Q^T, then P^T */
+        float s[kN][4];
+        gemm_rows_bt<T, kDp, kN>(s, sK, row0, sQb, ksteps, L);
+        scores_to_p<T, true, kN>(a, s, vis, b, h, i0, n0, row0, lane, [&](int il) {
+            const float l = lse_s[il];
+            return l == -INFINITY ? INFINITY : l;
+        });
+        auto zf = [&](int n, int e) { return ((keep >> (4 * n + e)) & 1) ? a.drop_scale : 0.f; };
+
+        if (kDoDV) { /* dV += (P^T z / (1 - p_drop)) dO */
+            uint32_t pa[kN / 2][4];
+            to_afrag<T, kN>(pa, s, zf);
+            gemm_regs_b<T, kDp, kN, kAcc, kC0>(accV, pa, sdOb, ksteps, L);
+        }
+        if (kDoDK) {
+            float dp[kN][4]; /* dP^T = V dO^T, then dS^T in place */
+            gemm_rows_bt<T, kDp, kN>(dp, sV, row0, sdOb, ksteps, L);
+            dp_to_ds<true, kN>(a, dp, s, keep, row0, lane, [&](int il) { return di_s[il]; });
+            if (kFirstDK) dbias_tile<T, kN>(a, dp, b, h, i0, n0, row0, lane);
+            if (a.softcap > 0.f) {
+                gemm_rows_bt<T, kDp, kN>(s, sK, row0, sQb, ksteps, L);
+                softcap_grad<kN>(a, dp, s);
+            }
+            uint32_t da[kN / 2][4];
+            to_afrag<T, kN>(da, dp, [](int, int) { return 1.f; });
+            gemm_regs_b<T, kDp, kN, kAcc, kC0>(accK, da, sQb, ksteps, L); /* dK += dS^T Q */
+            if (kDQ && kFirstDK) {
+                /* dS^T -> shared [key][query], then dQ (64 x kDp) = dS K, fp32 atomics into dqacc */
+                const int gid = lane >> 2, t4 = lane & 3;
+#pragma unroll
+                for (int kq = 0; kq < kN / 2; kq++) {
+                    T *r = sdS + (row0 + gid) * kSdsStride + kq * 16 + 2 * t4;
+                    *reinterpret_cast<uint32_t *>(r) = da[kq][0];
+                    *reinterpret_cast<uint32_t *>(r + 8 * kSdsStride) = da[kq][1];
+                    *reinterpret_cast<uint32_t *>(r + 8) = da[kq][2];
+                    *reinterpret_cast<uint32_t *>(r + 8 * kSdsStride + 8) = da[kq][3];
+                }
+                __syncthreads();
+                constexpr int kWarpGroups = (kBN / 16) / (kBM / 16);
+                constexpr int kColGroups = kWarpGroups < kDp / 16 ? kWarpGroups : kDp / 16;
+                constexpr int kColsPerWarp = kDp / kColGroups;
+                constexpr int kChunk = kColsPerWarp < kDqChunkMax ? kColsPerWarp : kDqChunkMax;
+                const int rg = warp % (kBM / 16), cg = warp / (kBM / 16); /* warps with cg >= kColGroups idle */
+                float *dqrow = a.dqacc + ((int64_t)b * a.Sq * a.H + h) * a.D;
+#pragma unroll
+                for (int cc = 0; cc < kColsPerWarp / kChunk; cc++) {
+                    const int c0 = cg * kColsPerWarp + cc * kChunk;
+                    if (cg < kColGroups && c0 < a.D) {
+                        float qa[kChunk / 8][4];
+#pragma unroll
+                        for (int n = 0; n < kChunk / 8; n++)
+#pragma unroll
+                            for (int e = 0; e < 4; e++) qa[n][e] = 0.f;
+#pragma unroll
+                        for (int kk = 0; kk < kBN / 16; kk++) {
+                            uint32_t af[4];
+                            ldsm_x4_t(af, sdS + (kk * 16 + L.rB) * kSdsStride + rg * 16 + (((lane >> 3) & 1) << 3));
+#pragma unroll
+                            for (int np = 0; np < kChunk / 16; np++) {
+                                if (c0 + np * 16 < a.D) {
+                                    uint32_t bf[4];
+                                    ldsm_x4_t(bf, sK + bt_off<kDp>(L, kk * 16, (c0 >> 4) + np));
+                                    Mma<T>::run(qa[2 * np], af, bf[0], bf[1]);
+                                    Mma<T>::run(qa[2 * np + 1], af, bf[2], bf[3]);
+                                }
+                            }
+                        }
+#pragma unroll
+                        for (int n = 0; n < kChunk / 8; n++)
+#pragma unroll
+                            for (int hf = 0; hf < 2; hf++) {
+                                const int64_t i = i0 + rg * 16 + gid + 8 * hf;
+                                const int d = c0 + n * 8 + 2 * t4;
+                                if (i < a.Sq && d < a.D) {
+                                    float *p = dqrow + i * a.H * a.D + d;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+                                    atomicAdd(reinterpret_cast<float2 *>(p), make_float2(qa[n][2 * hf], qa[n][2 * hf + 1]));
+#else
+                                    atomicAdd(p, qa[n][2 * hf]);
+                                    atomicAdd(p + 1, qa[n][2 * hf + 1]);
+#endif
+                                }
+                            }
+                    }
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+}
+
+/* Write a 16 x kDp accumulator (rows = keys of this warp) times `mul`: to (B, Sk, Hkv, D) dtype, or to the
+ * fp32 (B, H, Sk, D) partial of query head h. */
+template <typename T, int kAcc, int kC0>
+__device__ __forceinline__ void write_kv(const Args &a, const float (&acc)[kAcc / 8][4], float mul, void *dst,
+                                         const int64_t *st, float *part, int b, int hkv, int h, int64_t n0,
+                                         int row0, int lane) {
+    const int gid = lane >> 2, t4 = lane & 3;
+#pragma unroll
+    for (int n = 0; n < kAcc / 8; n++)
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            const int64_t j = n0 + row0 + gid + 8 * hf;
+            const int d = kC0 + n * 8 + 2 * t4;
+            if (j < a.Sk && d < a.D) {
+                const float x = acc[n][2 * hf] * mul, y = acc[n][2 * hf + 1] * mul;
+                if (part) {
+                    *reinterpret_cast<float2 *>(part + (((int64_t)b * a.H + h) * a.Sk + j) * a.D + d) =
+                        make_float2(x, y);
+                } else {
+                    T *p = (T *)dst + b * st[0] + j * st[1] + (int64_t)hkv * st[2] + d;
+                    *reinterpret_cast<uint32_t *>(p) = Mma<T>::pack(x, y);
+                }
+            }
+        }
+}
+
+template <int N> __device__ __forceinline__ void zero_acc(float (&c)[N][4]) {
+#pragma unroll
+    for (int n = 0; n < N; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) c[n][e] = 0.f;
+}
+
+/* Columns per accumulator pass for kDp > 64. */
+constexpr int kDkdvAcc = 128;
+
+/* Passes over column slices [kC0, kC0 + kAcc), [kC0 + kAcc, ...) of dV (kDV) or dK, each written when done. */
+template <typename T, int kDp, int kBN, bool kDQ, bool kDV, int kAcc, int kC0>
+__device__ __forceinline__ void dkdv_slices(const Args &a, unsigned char *smem, int b, int hkv, int h_lo, int nh,
+                                            int m_first, int nm, int64_t n0, float *part) {
+    float acc[kAcc / 8][4];
+    zero_acc(acc);
+    dkdv_pass<T, kDp, kBN, kDQ, kDV, !kDV, kAcc, kC0>(a, smem, b, hkv, h_lo, nh, m_first, nm, n0, acc, acc);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (kDV) write_kv<T, kAcc, kC0>(a, acc, 1.f, a.dv, a.dvs, part, b, hkv, h_lo, n0, warp * 16, lane);
+    else write_kv<T, kAcc, kC0>(a, acc, a.scale, a.dk, a.dks, part, b, hkv, h_lo, n0, warp * 16, lane);
+    if constexpr (kC0 + kAcc < kDp)
+        dkdv_slices<T, kDp, kBN, kDQ, kDV, kAcc, kC0 + kAcc>(a, smem, b, hkv, h_lo, nh, m_first, nm, n0, part);
+}
+
+template <typename T, int kDp, int kBN, bool kDQ>
+__global__ void __launch_bounds__(kBN * 2, 1) dkdv_kernel(const Args a) {
+#ifndef FDMA_BWD_NO_DEVICE_CODE
+    constexpr int kBM = kDkdvBM, kThreads = kBN * 2;
+    extern __shared__ __align__(128) unsigned char smem[];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int64_t n0 = (int64_t)blockIdx.x * kBN;
+    const int nM = (int)((a.Sq + kBM - 1) / kBM);
+    int m_first = 0;
+    if (a.causal) {
+        const int64_t r = n0 - (a.Sk - a.Sq);
+        m_first = r > 0 ? (int)(r / kBM) : 0;
+    }
+    const int nm = nM - m_first;
+    T *sK = reinterpret_cast<T *>(smem);
+    T *sV = sK + kBN * kDp;
+
+    for (int bi = 0; bi < a.b_per_cta; bi++) {
+        const int b = blockIdx.z * a.b_per_cta + bi;
+        for (int ki = 0; ki < a.hkv_per_cta; ki++) {
+            int hkv, h_lo, nh;
+            if (a.hph == 1 && a.g > 1) {
+                h_lo = blockIdx.y;
+                hkv = h_lo / a.g;
+                nh = 1;
+            } else {
+                hkv = blockIdx.y * a.hkv_per_cta + ki;
+                h_lo = hkv * a.g;
+                nh = a.g;
+            }
+            if (a.dbias_mode == DBIAS_DIRECT && m_first > 0)
+                for (int h = h_lo; h < h_lo + nh; h++)
+                    dbias_zero<T, kBN, kThreads>(a, b, h, 0, (int64_t)m_first * kBM, n0);
+            __syncthreads();
+            load_rows<T, kBN, kDp, kThreads>(sK, (const T *)a.k + b * a.ks[0] + (int64_t)hkv * a.ks[2] + n0 * a.ks[1],
+                                             a.ks[1], a.Sk - n0, a.D);
+            load_rows<T, kBN, kDp, kThreads>(sV, (const T *)a.v + b * a.vs[0] + (int64_t)hkv * a.vs[2] + n0 * a.vs[1],
+                                             a.vs[1], a.Sk - n0, a.D);
+            cp_async_commit();
+            const bool partial = a.hph == 1 && a.g > 1;
+            float *dvp = partial ? a.dvpart : nullptr, *dkp = partial ? a.dkpart : nullptr;
+            if constexpr (kDp == 64 && kDkdvAcc > 64) {
+                float accV[8][4], accK[8][4];
+                zero_acc(accV);
+                zero_acc(accK);
+                dkdv_pass<T, kDp, kBN, kDQ, true, true, 64, 0>(a, smem, b, hkv, h_lo, nh, m_first, nm, n0, accV, accK);
+                write_kv<T, 64, 0>(a, accV, 1.f, a.dv, a.dvs, dvp, b, hkv, h_lo, n0, warp * 16, lane);
+                write_kv<T, 64, 0>(a, accK, a.scale, a.dk, a.dks, dkp, b, hkv, h_lo, n0, warp * 16, lane);
+            } else {
+                /* one accumulator of kDkdvAcc columns per pass: dV slices first, then dK slices (the first also
+                   does dbias and dQ) */
+                dkdv_slices<T, kDp, kBN, kDQ, true, kDkdvAcc, 0>(a, smem, b, hkv, h_lo, nh, m_first, nm, n0, dvp);
+                dkdv_slices<T, kDp, kBN, kDQ, false, kDkdvAcc, 0>(a, smem, b, hkv, h_lo, nh, m_first, nm, n0, dkp);
+            }
+        }
+    }
+#endif
+}
+
+/* ---- dq kernel (deterministic mode) ----------------------------------------------------------------------- */
+
+template <int kDp> struct DqSmem {
+    static constexpr size_t bytes_of(size_t esz) { return esz * 6 * 64 * (size_t)kDp; }
+};
+
+template <typename T, int kDp>
+__global__ void __launch_bounds__(128, 1) dq_kernel(const Args a) {
+#ifndef FDMA_BWD_NO_DEVICE_CODE
+    constexpr int kBM = 64, kBN = 64, kThreads = 128;
+    extern __shared__ __align__(128) unsigned char smem[];
+    T *sQ = reinterpret_cast<T *>(smem);
+    T *sdO = sQ + kBM * kDp;
+    T *sK = sdO + kBM * kDp; /* [2][kBN][kDp] */
+    T *sV = sK + 2 * kBN * kDp;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, t4 = lane & 3;
+    const int row0 = warp * 16;
+    const Lane L = make_lane(lane);
+    const int64_t i0 = (int64_t)blockIdx.x * kBM;
+    const int h = blockIdx.y, b = blockIdx.z, hkv = h / a.g;
+    const int ksteps = (a.D + 15) >> 4;
+    int64_t j_end = a.Sk;
+    if (a.causal) {
+        const int64_t e = i0 + kBM + a.Sk - a.Sq;
+        j_end = e < j_end ? e : j_end;
+    }
+    const int nN = j_end > 0 ? (int)((j_end + kBN - 1) / kBN) : 0;
+
+    const T *gk = (const T *)a.k + b * a.ks[0] + (int64_t)hkv * a.ks[2];
+    const T *gv = (const T *)a.v + b * a.vs[0] + (int64_t)hkv * a.vs[2];
+    load_rows<T, kBM, kDp, kThreads>(sQ, (const T *)a.q + b * a.qs[0] + (int64_t)h * a.qs[2] + i0 * a.qs[1], a.qs[1],
+                                     a.Sq - i0, a.D);
+    load_rows<T, kBM, kDp, kThreads>(sdO, (const T *)a.dout + b * a.dos[0] + (int64_t)h * a.dos[2] + i0 * a.dos[1],
+                                     a.dos[1], a.Sq - i0, a.D);
+    auto load_kv = [&](int nb, int buf) {
+        const int64_t j0 = (int64_t)nb * kBN;
+        load_rows<T, kBN, kDp, kThreads>(sK + buf * kBN * kDp, gk + j0 * a.ks[1], a.ks[1], a.Sk - j0, a.D);
+        load_rows<T, kBN, kDp, kThreads>(sV + buf * kBN * kDp, gv + j0 * a.vs[1], a.vs[1], a.Sk - j0, a.D);
+    };
+    if (nN > 0) load_kv(0, 0);
+    cp_async_commit();
+
+    float lse_r[2], di_r[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        const int64_t i = i0 + row0 + gid + 8 * hf;
+        const int64_t off = ((int64_t)b * a.H + h) * a.Sq + i;
+        const float l = i < a.Sq ? a.lse[off] : -INFINITY;
+        lse_r[hf] = l == -INFINITY ? INFINITY : l;
+        di_r[hf] = i < a.Sq ? a.Di[off] : 0.f;
+    }
+
+    float acc[kDp / 8][4];
+#pragma unroll
+    for (int n = 0; n < kDp / 8; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) acc[n][e] = 0.f;
+
+    for (int nb = 0; nb < nN; nb++) {
+        const int buf = nb & 1;
+        __syncthreads();
+        if (nb + 1 < nN) load_kv(nb + 1, buf ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        const int64_t j0 = (int64_t)nb * kBN;
+        const uint32_t vis = visible_bits<false, 8>(a, b, h, i0, j0, row0, lane);
+        if (!__syncthreads_or(vis != 0)) continue;
+        const T *sKb = sK + buf * kBN * kDp, *sVb = sV + buf * kBN * kDp;
+
+        float s[8][4];
+        gemm_rows_bt<T, kDp, 8>(s, sQ, row0, sKb, ksteps, L); /* S = Q K^T */
+        scores_to_p<T, false, 8>(a, s, vis, b, h, i0, j0, row0, lane,
+                              [&](int il) { return lse_r[(il - row0) >> 3]; });
+        const uint32_t keep = a.dropout ? keep_bits<false, 8>(a, b, h, i0, j0, row0, lane) : 0xffffffffu;
+        float dp[8][4];
+        gemm_rows_bt<T, kDp, 8>(dp, sdO, row0, sVb, ksteps, L); /* dP = dO V^T */
+        dp_to_ds<false, 8>(a, dp, s, keep, row0, lane, [&](int il) { return di_r[(il - row0) >> 3]; });
+        if (a.softcap > 0.f) {
+            gemm_rows_bt<T, kDp, 8>(s, sQ, row0, sKb, ksteps, L);
+            softcap_grad<8>(a, dp, s);
+        }
+        uint32_t da[4][4];
+        to_afrag<T, 8>(da, dp, [](int, int) { return 1.f; });
+        gemm_regs_b<T, kDp, 8>(acc, da, sKb, ksteps, L); /* dQ += dS K */
+    }
+    cp_async_wait<0>();
+
+#pragma unroll
+    for (int n = 0; n < kDp / 8; n++)
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            const int64_t i = i0 + row0 + gid + 8 * hf;
+            const int d = n * 8 + 2 * t4;
+            if (i < a.Sq && d < a.D) {
+                T *p = (T *)a.dq + b * a.dqs[0] + i * a.dqs[1] + (int64_t)h * a.dqs[2] + d;
+                *reinterpret_cast<uint32_t *>(p) = Mma<T>::pack(acc[n][2 * hf] * a.scale, acc[n][2 * hf + 1] * a.scale);
+            }
+        }
+#endif
+}
+
+/* ---- per-head-dim launchers (bwd_d64.cu, bwd_d128.cu, bwd_d256.cu) ------------------------------------- */
+
+/* Launch the dkdv kernel (grid as given) and, when deterministic, the dq kernel. Returns cudaGetLastError. */
+cudaError_t launch_d64(const Args &a, int bf16, int deterministic, dim3 grid, cudaStream_t st);
+cudaError_t launch_d128(const Args &a, int bf16, int deterministic, dim3 grid, cudaStream_t st);
+cudaError_t launch_d256(const Args &a, int bf16, int deterministic, dim3 grid, cudaStream_t st);
+
+constexpr int key_block(int dp) { return dp > 128 ? 64 : 128; }
+
+template <typename T, int kDp>
+cudaError_t launch_dp(const Args &a, int deterministic, dim3 grid, cudaStream_t st) {
+    constexpr int kBN = key_block(kDp);
+    cudaError_t err;
+    if (deterministic) {
+        const size_t sm = DkdvSmem<kDp, kBN, false>::bytes_of(sizeof(T));
+        auto k1 = dkdv_kernel<T, kDp, kBN, false>;
+        if ((err = cudaFuncSetAttribute(k1, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm)) != cudaSuccess)
+            return err;
+        k1<<<grid, kBN * 2, sm, st>>>(a);
+        if ((err = cudaGetLastError()) != cudaSuccess) return err;
+        const size_t sq = DqSmem<kDp>::bytes_of(sizeof(T));
+        auto k2 = dq_kernel<T, kDp>;
+        if ((err = cudaFuncSetAttribute(k2, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sq)) != cudaSuccess)
+            return err;
+        dim3 g2((unsigned)((a.Sq + 63) / 64), (unsigned)a.H, (unsigned)a.B);
+        k2<<<g2, 128, sq, st>>>(a);
+        return cudaGetLastError();
+    }
+    const size_t sm = DkdvSmem<kDp, kBN, true>::bytes_of(sizeof(T));
+    auto k1 = dkdv_kernel<T, kDp, kBN, true>;
+    if ((err = cudaFuncSetAttribute(k1, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm)) != cudaSuccess)
+        return err;
+    k1<<<grid, kBN * 2, sm, st>>>(a);
+    return cudaGetLastError();
+}
+
+} /* namespace fdma_bwdk */
+
+#endif /* FDMA_CUDA_BWD_COMMON_CUH */

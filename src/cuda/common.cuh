@@ -1,0 +1,202 @@
+/*
+ * common.cuh -- shared pieces of the CUDA kernels (forward and backward): the small inline-PTX wrappers
+ * (cp.async, ldmatrix, mma.sync m16n8k16), fp16/bf16 helpers, and the forward kernel's parameter block.
+ *
+ * Tensor-core fragment layout used everywhere (PTX ISA, "mma.m16n8k16"), lane = 4*g + q (g = lane/4,
+ * q = lane%4):
+ *   A (16x16, row major): a0 = (g, 2q..2q+1), a1 = (g+8, 2q..), a2 = (g, 8+2q..), a3 = (g+8, 8+2q..)
+ *   B (16x8, "col" = stored as 8 rows of 16 k): b0 = (k 2q..2q+1, n g), b1 = (k 8+2q.., n g)
+ *   C (16x8, fp32): c0,c1 = (g, 2q..2q+1), c2,c3 = (g+8, 2q..2q+1)
+ * Shared-memory tiles of 16-byte chunks are XOR-swizzled (chunk ^ row%8 within each group of 8 chunks) so
+ * that ldmatrix's 8 row reads of one chunk column hit 8 different bank groups.
+ *
+ * Everything here is header-only and compiled into each translation unit that includes it.
+ */
+#ifndef FDMA_CUDA_COMMON_CUH
+#define FDMA_CUDA_COMMON_CUH
+
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <limits.h>
+#include <stdint.h>
+
+#include "backend.h"
+#include "philox.h"
+
+#define FDMA_LOG2E 1.4426950408889634f
+#define FDMA_LN2 0.6931471805599453f
+
+/* ---- PTX wrappers ------------------------------------------------------------------------------------ */
+
+__device__ __forceinline__ uint32_t fdma_smem_u32(const void *p) {
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+/* 16-byte asynchronous copy global -> shared; bytes beyond src_bytes (0..16) are zero-filled. Both
+ * addresses must be 16-byte aligned; with src_bytes == 0 nothing is read. */
+__device__ __forceinline__ void fdma_cp_async16(void *smem, const void *gmem, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(fdma_smem_u32(smem)), "l"(gmem),
+                 "r"(src_bytes));
+}
+__device__ __forceinline__ void fdma_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void fdma_cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void fdma_ldmatrix_x4(uint32_t r[4], const void *smem) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(fdma_smem_u32(smem)));
+}
+__device__ __forceinline__ void fdma_ldmatrix_x4_trans(uint32_t r[4], const void *smem) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(fdma_smem_u32(smem)));
+}
+
+/* c += a * b, fp32 accumulate; T is __half or __nv_bfloat16. */
+template <typename T> __device__ __forceinline__ void fdma_mma16816(float c[4], const uint32_t a[4], uint32_t b0,
+                                                                    uint32_t b1);
+template <> __device__ __forceinline__ void fdma_mma16816<__half>(float c[4], const uint32_t a[4], uint32_t b0,
+                                                                  uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <> __device__ __forceinline__ void fdma_mma16816<__nv_bfloat16>(float c[4], const uint32_t a[4],
+                                                                         uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* ---- element conversions ------------------------------------------------------------------------------ */
+
+template <typename T> __device__ __forceinline__ uint32_t fdma_pack2(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t fdma_pack2<__half>(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&h);
+}
+template <> __device__ __forceinline__ uint32_t fdma_pack2<__nv_bfloat16>(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&h);
+}
+
+template <typename T> __device__ __forceinline__ float fdma_to_float(uint16_t bits);
+template <> __device__ __forceinline__ float fdma_to_float<__half>(uint16_t bits) {
+    return __half2float(__ushort_as_half(bits));
+}
+template <> __device__ __forceinline__ float fdma_to_float<__nv_bfloat16>(uint16_t bits) {
+    return __bfloat162float(__ushort_as_bfloat16(bits));
+}
+template <typename T> __device__ __forceinline__ uint16_t fdma_from_float(float x);
+template <> __device__ __forceinline__ uint16_t fdma_from_float<__half>(float x) {
+    return __half_as_ushort(__float2half_rn(x));
+}
+template <> __device__ __forceinline__ uint16_t fdma_from_float<__nv_bfloat16>(float x) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+}
+
+/* Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled tile of `cpr` chunks per row (cpr a
+ * multiple of 8). */
+__device__ __forceinline__ uint32_t fdma_swz(int row, int chunk, int cpr) {
+    return (uint32_t)(row * cpr + ((chunk & ~7) | ((chunk ^ row) & 7))) * 16u;
+}
+
+/* ---- forward kernel parameters ---------------------------------------------------------------------- */
+
+/* Everything the forward kernel reads, by value. Strides in elements; a broadcast dim has stride 0. The
+ * head of mask/bias for query head h is (h / *_hdiv) * *_sh (hdiv = 1 for an H-sized dim, H/Hkv for an
+ * Hkv-sized dim; a size-1 dim has stride 0). */
+struct FdmaFwdParams {
+    const void *q, *k, *v;
+    void *out;
+    float *lse;          /* (B, H, Sq) or NULL */
+    int64_t q_sb, q_ss, q_sh;
+    int64_t k_sb, k_ss, k_sh;
+    int64_t v_sb, v_ss, v_sh;
+    int64_t o_sb, o_ss, o_sh;
+    int B, H, Hkv, Sq, Sk, D;
+    int hkv_div;         /* H / Hkv */
+    int num_m_tiles;
+
+    const uint8_t *mask; /* NULL = none */
+    int64_t m_sb, m_sh, m_si, m_sj;
+    int m_hdiv, m_rows_bcast, m_vec; /* m_vec: 16-byte loads are legal */
+    const uint8_t *summary;          /* NULL = none; (m0, m1, ceil(m2/64), ceil(Sk/64)) contiguous */
+    int64_t s_sb, s_sh, s_si;        /* summary strides in bytes (0 on broadcast dims) */
+    int s_rows, s_cols;              /* ceil(m2/64), ceil(Sk/64) */
+
+    const void *bias;    /* NULL = none */
+    int64_t b_sb, b_sh, b_si, b_sj;
+    int b_hdiv, b_rows_bcast, b_vec;
+
+    float scale, scale_log2, softcap, inv_softcap;
+    int causal;
+    int qkv_vec, o_vec;  /* 16-byte loads/stores legal on q/k/v and out */
+
+    int dropout;
+    uint32_t drop_threshold;
+    float drop_scale;    /* 1 / (1 - p_drop) */
+    uint64_t seed, offset;
+
+    /* gathered keys (row-broadcast mask): list of (b, mask head) at gather + b*g_sb + (h/m_hdiv)*g_sh, as
+       [count, 15 unused, kept key indices in increasing order]; NULL = dense keys */
+    const int32_t *gather;
+    int64_t g_sb, g_sh;
+};
+
+/* Forward kernel shape for a head-dim tile: warps per CTA, 16-row blocks per warp (MI), query rows per CTA.
+ * MI = 2 halves the shared-memory fragment traffic per MMA but needs 2x the accumulator registers: it fits
+ * (no spills) for DT = 64; at DT = 128 the general and mask + bias instantiations use 8 warps x 1 block,
+ * the plain one 4 x 2 (fdma_fwd_mi_f below). */
+#ifndef FDMA_FWD_D128_WARPS
+#define FDMA_FWD_D128_WARPS 8
+#endif
+#ifndef FDMA_FWD_D128_MI
+#define FDMA_FWD_D128_MI 1
+#endif
+static constexpr int fdma_fwd_warps(int dt) { return dt == 64 ? 4 : dt == 128 ? FDMA_FWD_D128_WARPS : 4; }
+static constexpr int fdma_fwd_mi(int dt) { return dt == 64 ? 2 : dt == 128 ? FDMA_FWD_D128_MI : 1; }
+static constexpr int fdma_fwd_rows(int dt) { return 16 * fdma_fwd_warps(dt) * fdma_fwd_mi(dt); }
+/* The plain (feat 0) and mask + bias (feat 3) instantiations at DT <= 128 (fwd_kernel.cuh) compile the other
+ * features out; with the registers that frees, DT = 128 can run FA2's 4 warps x 2 row blocks. Same rows per
+ * CTA as the general instantiation (the plan's grid does not depend on the instantiation). */
+#ifndef FDMA_FWD_D128_PLAIN_MI
+#define FDMA_FWD_D128_PLAIN_MI 2
+#endif
+#ifndef FDMA_FWD_D128_MB_MI
+#define FDMA_FWD_D128_MB_MI 1
+#endif
+static constexpr int fdma_fwd_mi_f(int dt, int feat) {
+    return dt == 128 ? (feat == 0 ? FDMA_FWD_D128_PLAIN_MI : FDMA_FWD_D128_MB_MI) : fdma_fwd_mi(dt);
+}
+static constexpr int fdma_fwd_warps_f(int dt, int feat) { return fdma_fwd_rows(dt) / (16 * fdma_fwd_mi_f(dt, feat)); }
+
+/* Launchers, one per (head-dim tile) translation unit; dtype picked inside. */
+fdma_status fdma_cuda_fwd_launch_d64(const FdmaFwdParams &kp, fdma_dtype dt, cudaStream_t stream);
+fdma_status fdma_cuda_fwd_launch_d128(const FdmaFwdParams &kp, fdma_dtype dt, cudaStream_t stream);
+fdma_status fdma_cuda_fwd_launch_d192(const FdmaFwdParams &kp, fdma_dtype dt, cudaStream_t stream);
+fdma_status fdma_cuda_fwd_launch_d256(const FdmaFwdParams &kp, fdma_dtype dt, cudaStream_t stream);
+/* probabilities (debug path) and the mask summary (fwd_aux.cu) */
+fdma_status fdma_cuda_gather_launch(const FdmaFwdParams &kp, const fdma_params *p, int32_t *lists,
+                                    cudaStream_t stream);
+fdma_status fdma_cuda_fwd_probs_launch(const FdmaFwdParams &kp, fdma_dtype dt, void *probs, const float *lse,
+                                       cudaStream_t stream);
+
+/* ptr (if not NULL) is device memory on the current device, else INVALID_ARGUMENT naming it (api_cuda.cu). */
+fdma_status fdma_cuda_check_device_ptr(const void *ptr, const char *name);
+
+/* After a launch: turn a launch error into FDMA_STATUS_CUDA_ERROR with CUDA's text. */
+static inline fdma_status fdma_cuda_check_launch(const char *what) {
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess)
+        return fdma_set_error(FDMA_STATUS_CUDA_ERROR, "%s: CUDA error %s (%s)", what, cudaGetErrorName(e),
+                              cudaGetErrorString(e));
+    return FDMA_STATUS_OK;
+}
+
+#endif /* FDMA_CUDA_COMMON_CUH */
