@@ -13,7 +13,8 @@
  * ("..._gather") when the mask broadcasts over query rows and the bias is absent or row-broadcast too (the
  * Doge / W1 form): a small kernel first lists each (b, mask head)'s kept keys in the workspace, then the
  * attention kernel walks only those. Workspace = those lists (+ lse when probs are asked without lse).
- *   fdma_cuda_create_mask     not on CUDA yet (the Python layer computes the top-k mask)
+ *   fdma_cuda_create_mask     checks that bias, mask and out are device memory, then runs the exact radix-select
+ *                             top-k of topk.cu (fdma_cuda_topk_create_mask)
  *
  * Head-dim tiles: D <= 64 -> 64, <= 128 -> 128, <= 192 -> 192, <= 256 -> 256 (fwd_d*.cu).
  * The params arrive validated (src/validate.c): shapes, broadcast dims and strides are consistent.
@@ -234,8 +235,13 @@ extern "C" fdma_status fdma_cuda_fwd_run(const fdma_params *p, const fdma_plan *
     return fdma_cuda_fwd_probs_launch(kp, p->dtype, p->probs, lse, stream);
 }
 
+extern "C" fdma_status fdma_cuda_topk_create_mask(const fdma_topk_params *p);
+
 extern "C" fdma_status fdma_cuda_create_mask(const fdma_topk_params *p) {
-    return fdma_set_error(FDMA_STATUS_UNSUPPORTED, "create_mask on CUDA: use the Python layer");
+    fdma_status st = fdma_cuda_check_device_ptr(p->bias.ptr, "bias");
+    if (st == FDMA_STATUS_OK && p->mask.ptr) st = fdma_cuda_check_device_ptr(p->mask.ptr, "mask");
+    if (st == FDMA_STATUS_OK) st = fdma_cuda_check_device_ptr(p->out, "out");
+    return st != FDMA_STATUS_OK ? st : fdma_cuda_topk_create_mask(p);
 }
 
 fdma_status fdma_cuda_check_device_ptr(const void *ptr, const char *name) {
