@@ -117,6 +117,23 @@ def _keep_window(module, kwargs):
     return w
 
 
+def _common_dtype(query, key, value, bias):
+    """One dtype for q, k, v and the bias, as transformers' flash-attention path does: under autocast the
+    projections may hand over float32 (after a norm) next to bf16/fp16 (after a Linear), and every backend
+    takes a single dtype. Target: the autocast dtype when autocast is on for this device, else the lowest
+    precision among q, k, v (float32 only when all three are float32)."""
+    dev = query.device.type
+    if torch.is_autocast_enabled(dev) and query.is_floating_point():
+        target = torch.get_autocast_dtype(dev)
+    else:
+        dts = {query.dtype, key.dtype, value.dtype}
+        target = query.dtype if len(dts) == 1 else next(d for d in (torch.bfloat16, torch.float16, torch.float32)
+                                                          if d in dts)
+    cast = (lambda t: t if t is None or t.dtype == target else t.to(target))
+    return cast(query), cast(key), cast(value), (bias if bias is None or not bias.is_floating_point()
+                                                else cast(bias))
+
+
 def flash_dynamic_mask_attention_forward(module, query, key, value, attention_mask, attention_bias=None,
                                          scaling=None, softcap=None, **kwargs):
     """transformers attention function: query (B, H, Sq, D), key/value (B, Hkv, Sk, D) -> ((B, Sq, H, D), None)."""
@@ -142,6 +159,7 @@ def flash_dynamic_mask_attention_forward(module, query, key, value, attention_ma
     dropout = kwargs.get("dropout")
     if dropout is None:
         dropout = getattr(module, "attention_dropout", 0.0) if getattr(module, "training", False) else 0.0
+    query, key, value, bias = _common_dtype(query, key, value, bias)
     fn = _attention_function(kwargs.get("implementation"))
     out = fn(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=mask, attn_bias=bias,
              scale=scaling, is_causal=bool(is_causal), softcap=softcap, dropout_p=float(dropout),
