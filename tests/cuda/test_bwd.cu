@@ -31,24 +31,7 @@
 #include "backend.h"
 #include "philox.h"
 
-/* ---- the one library symbol the backend needs -------------------------------------------------------- */
-static char g_err[1024];
-extern "C" fdma_status fdma_set_error(fdma_status status, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(g_err, sizeof(g_err), fmt, ap);
-    va_end(ap);
-    return status;
-}
-
-#define CK(x)                                                                                         \
-    do {                                                                                              \
-        cudaError_t e_ = (x);                                                                         \
-        if (e_ != cudaSuccess) {                                                                      \
-            fprintf(stderr, "CUDA error %s at %s:%d: %s\n", cudaGetErrorString(e_), __FILE__, __LINE__, #x); \
-            exit(1);                                                                                  \
-        }                                                                                             \
-    } while (0)
+#include "harness.cuh"
 
 /* ---- host helpers ------------------------------------------------------------------------------------- */
 static uint64_t g_rng = 0x9E3779B97F4A7C15ull;

@@ -34,24 +34,7 @@
 #include "backend.h"
 #include "philox.h"
 
-/* ---- the one library symbol the CUDA backend needs ---- */
-static char g_err[1024];
-extern "C" fdma_status fdma_set_error(fdma_status status, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(g_err, sizeof(g_err), fmt, ap);
-    va_end(ap);
-    return status;
-}
-
-#define CK(x)                                                                                                \
-    do {                                                                                                     \
-        cudaError_t e_ = (x);                                                                                \
-        if (e_ != cudaSuccess) {                                                                             \
-            fprintf(stderr, "CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__);        \
-            exit(2);                                                                                         \
-        }                                                                                                    \
-    } while (0)
+#include "harness.cuh"
 
 /* ---- random inputs on the GPU ---- */
 __device__ __forceinline__ uint32_t hash32(uint64_t x) {

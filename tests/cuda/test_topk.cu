@@ -39,25 +39,7 @@
 
 #include "cuda/topk.cuh"
 
-/* ---- library pieces the harness provides ---- */
-static char g_err[1024];
-extern "C" fdma_status fdma_set_error(fdma_status status, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(g_err, sizeof(g_err), fmt, ap);
-    va_end(ap);
-    return status;
-}
-
-#define CK(x)                                                                                                  \
-    do {                                                                                                       \
-        cudaError_t e_ = (x);                                                                                  \
-        if (e_ != cudaSuccess) {                                                                               \
-            fprintf(stderr, "CUDA error %s at %s:%d: %s\n", cudaGetErrorString(e_), __FILE__, __LINE__, #x);   \
-            exit(2);                                                                                           \
-        }                                                                                                      \
-    } while (0)
+#include "harness.cuh"
 
 static int g_fail = 0, g_pass = 0;
 

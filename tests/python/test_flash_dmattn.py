@@ -9,6 +9,7 @@ cases.py, causal with Sq < Sk and Sq > Sk (rows with nothing visible), fully mas
 shape) for every bias form. GPU-marked copies run the same cases in bf16/fp16 on CUDA.
 """
 import math
+import zlib
 
 import pytest
 import torch
@@ -53,7 +54,7 @@ def _check(name, x, ref, lowp):
 def _run_case(case, device, grads, window=None, dropout=None):
     B, Sq, Sk, H, Hkv, D, causal, mf, bf, softcap, dtype = case
     dtype = _dtype_for(device, dtype)
-    g = torch.Generator().manual_seed(hash(_id(case)) % 2**31)
+    g = torch.Generator().manual_seed(zlib.crc32(_id(case).encode()))  # stable across runs: a failure repeats
     q, k, v = qkv(B, Sq, Sk, H, Hkv, D, dtype, device, requires_grad=grads, gen=g)
     mask_user = mask_ref = None
     if mf is not None:
