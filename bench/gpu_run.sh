@@ -8,7 +8,7 @@
 #            test_bwd = bwd*.cu, test_topk = topk*.cu)
 #   test     test_fwd, test_bwd, test_topk (--no-timing when cbench runs: its timing runs there, on an idle GPU)
 #   sanitize compute-sanitizer memcheck on test_fwd --small, test_bwd --small, test_topk --tiny --few
-#   pytest   pytest -m gpu tests/python -q -x --timeout 120 (FDMA_LIBRARY = the built library)
+#   pytest   pytest -m gpu tests/python -q --timeout 120 (FDMA_LIBRARY = the built library)
 #            test, sanitize and pytest are correctness runs: they run concurrently, each under its own timeout
 #   cbench   C-level timings, one at a time: test_fwd --bench, test_bwd --bench, test_topk --timing-only
 #   pybench  bench/bench.py --budget-s (what is left of the deadline), alone on the GPU
@@ -124,7 +124,7 @@ if has sanitize; then
 fi
 if has pytest && [ -f "$LIB" ]; then
     TO=""; $PY -c "import pytest_timeout" 2> /dev/null && TO="--timeout 120"
-    job pytest "$(lim 200 $RES)" "${PYENV[@]}" $PY -m pytest -m gpu tests/python -q -x $TO -p no:cacheprovider
+    job pytest "$(lim 200 $RES)" "${PYENV[@]}" $PY -m pytest -m gpu tests/python -q $TO -p no:cacheprovider
 fi
 wait
 log "correctness phase $(( $(date +%s) - t )) s"

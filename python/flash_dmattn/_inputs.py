@@ -37,9 +37,9 @@ def check_qkv(query, key, value):
         if t.device != query.device:
             raise ValueError(f"{name}: expected device {query.device} (query's), got {t.device}")
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"query: expected dtype float16 or bfloat16 (or float32 on CPU), got {query.dtype}")
-    if query.dtype == torch.float32 and query.device.type != "cpu":
-        raise TypeError(f"query: float32 runs on the CPU backend only; on {query.device} use float16 or bfloat16")
+        raise TypeError(f"query: expected dtype float16, bfloat16 or float32, got {query.dtype}")
+    if min(B, Sq, H, D, Sk, Hkv) < 1:
+        raise ValueError(f"query/key: every dim must be >= 1, got query {tuple(query.shape)}, key {tuple(key.shape)}")
     return B, Sq, H, D, Sk, Hkv
 
 

@@ -92,6 +92,9 @@ def flash_dmattn_func(query, key, value, attn_mask=None, attn_bias=None, scale=N
                       deterministic=None, return_attn_probs=None, dropout_p=0.0, keep_window_size=None):
     """Dynamic-mask attention on the C library (CUDA or CPU by the tensors' device). See the module doc."""
     B, Sq, H, D, Sk, Hkv = check_qkv(query, key, value)
+    if query.dtype == torch.float32 and query.device.type != "cpu":
+        raise TypeError(f"query: float32 runs on the CPU backend only; on {query.device} use float16 or bfloat16 "
+                        f"(or triton_dmattn_func, which takes float32)")
     mask, bias = prepare_mask_bias(query, key, attn_mask, attn_bias)
     scale, softcap, p_drop, window = resolve_options(D, Sk, bias, scale, softcap, dropout_p, keep_window_size)
     D8 = padded_head_dim(query)

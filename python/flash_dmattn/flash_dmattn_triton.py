@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from ._inputs import prepare_mask_bias
+from ._inputs import check_qkv, prepare_mask_bias
 from .utils.mask import create_mask
 
 try:
@@ -42,7 +42,6 @@ except ImportError as exc:
 __all__ = ["triton_dmattn_func", "attention_forward", "attention_backward", "attention_probs",
            "dropout_keep_bits"]
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_D = 256
 _INTERPRETER_BLOCK = 32      # tile size in the interpreter: large tiles mean fewer (slow, sequential) programs
 
@@ -247,31 +246,9 @@ class _TritonDMAttnFunction(torch.autograd.Function):
 
 
 def _check_qkv(query, key, value):
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"{name}: expected 4 dims ({'B, Sq, H, D' if name == 'query' else 'B, Sk, Hkv, D'}),"
-                             f" got shape {tuple(x.shape)}")
-        if x.dtype not in _DTYPES:
-            raise TypeError(f"{name}: expected dtype float16, bfloat16 or float32, got {x.dtype}")
-    for name, x in (("key", key), ("value", value)):
-        if x.dtype != query.dtype:
-            raise TypeError(f"{name}: dtype {x.dtype} differs from query's {query.dtype}")
-        if x.device != query.device:
-            raise ValueError(f"{name}: device {x.device} differs from query's {query.device}")
-    B, Sq, H, D = query.shape
-    if key.shape != value.shape:
-        raise ValueError(f"value: shape {tuple(value.shape)} differs from key's {tuple(key.shape)}")
-    Bk, Sk, Hkv, Dk = key.shape
-    if Bk != B:
-        raise ValueError(f"key: batch {Bk} differs from query's batch {B}")
-    if Dk != D:
-        raise ValueError(f"key: head dim {Dk} differs from query's head dim {D}")
-    if min(B, Sq, H, D, Sk, Hkv) < 1:
-        raise ValueError(f"query/key: every dim must be >= 1, got query {tuple(query.shape)}, key {tuple(key.shape)}")
-    if H % Hkv != 0:
-        raise ValueError(f"key: number of heads Hkv={Hkv} must divide query's H={H}")
+    """The shared q/k/v checks (_inputs.check_qkv), then this backend's limits: D <= 256, CUDA tensors (CPU
+    tensors only under the interpreter)."""
+    D = check_qkv(query, key, value)[3]
     if D > _MAX_D:
         raise ValueError(f"query: head dim D={D} exceeds the Triton backend's maximum {_MAX_D}")
     if _interpreting():

@@ -41,6 +41,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "common.cuh"
 #include "philox.h"
 
 namespace fdma_bwdk {
@@ -85,68 +86,12 @@ struct Args {
 
 /* ---- PTX wrappers ------------------------------------------------------------------------------------- */
 
-__device__ __forceinline__ uint32_t smem_u32(const void *p) {
-    return (uint32_t)__cvta_generic_to_shared(p);
-}
-
-/* 16-byte async copy; pred false writes 16 zero bytes (src-size 0, nothing read). */
-__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool pred) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
-                 "r"(pred ? 16 : 0));
-}
-
+/* The cp.async / ldmatrix / mma.sync wrappers are common.cuh's (fdma_*); this file adds the 4-byte copy the
+ * unaligned paths need. pred false writes zeros (src-size 0, nothing read). */
 __device__ __forceinline__ void cp_async4(void *dst, const void *src, bool pred) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(fdma_smem_u32(dst)), "l"(src),
                  "r"(pred ? 4 : 0));
 }
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-/* ldmatrix on 32-bit shared-space addresses (tile base + 2 * element offset): cheaper to keep than generic
- * pointers. */
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void *p) {
-    const uint32_t addr = smem_u32(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-
-__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void *p) {
-    const uint32_t addr = smem_u32(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-
-template <typename T> struct Mma;
-template <> struct Mma<__nv_bfloat16> {
-    static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-                     "{%8,%9}, {%0,%1,%2,%3};\n"
-                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-    static __device__ __forceinline__ uint32_t pack(float x, float y) {
-        __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
-        return *reinterpret_cast<uint32_t *>(&h);
-    }
-};
-template <> struct Mma<__half> {
-    static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-                     "{%8,%9}, {%0,%1,%2,%3};\n"
-                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-    static __device__ __forceinline__ uint32_t pack(float x, float y) {
-        __half2 h = __floats2half2_rn(x, y);
-        return *reinterpret_cast<uint32_t *>(&h);
-    }
-};
 
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
@@ -168,7 +113,7 @@ __device__ __forceinline__ void load_rows(T *s, const T *g, int64_t rs, int64_t 
     for (int c = threadIdx.x; c < R * kCh; c += kThreads) {
         const int r = c / kCh, ch = c % kCh;
         const bool pred = r < nvalid && ch * 8 < D;
-        cp_async16(s + swz<C>(r, ch), pred ? g + r * rs + ch * 8 : g, pred);
+        fdma_cp_async16(s + swz<C>(r, ch), pred ? g + r * rs + ch * 8 : g, pred ? 16 : 0);
     }
 }
 
@@ -220,13 +165,13 @@ __device__ __forceinline__ void gemm_rows_bt(float (&c)[kN][4], const T *sA, int
     for (int kk = 0; kk < kDp / 16; kk++) {
         if (kk < ksteps) {
             uint32_t a[4];
-            ldsm_x4(a, sA + a_off<kDp>(L, r0, kk));
+            fdma_ldmatrix_x4(a, sA + a_off<kDp>(L, r0, kk));
 #pragma unroll
             for (int np = 0; np < kN / 2; np++) {
                 uint32_t b[4];
-                ldsm_x4(b, sB + b_off<kDp>(L, np * 16, kk));
-                Mma<T>::run(c[2 * np], a, b[0], b[1]);
-                Mma<T>::run(c[2 * np + 1], a, b[2], b[3]);
+                fdma_ldmatrix_x4(b, sB + b_off<kDp>(L, np * 16, kk));
+                fdma_mma16816<T>(c[2 * np], a, b[0], b[1]);
+                fdma_mma16816<T>(c[2 * np + 1], a, b[2], b[3]);
             }
         }
     }
@@ -243,9 +188,9 @@ __device__ __forceinline__ void gemm_regs_b(float (&acc)[kAcc / 8][4], const uin
 #pragma unroll
             for (int kq = 0; kq < kN / 2; kq++) {
                 uint32_t b[4];
-                ldsm_x4_t(b, sB + bt_off<kDp>(L, kq * 16, kC0 / 16 + np));
-                Mma<T>::run(acc[2 * np], a[kq], b[0], b[1]);
-                Mma<T>::run(acc[2 * np + 1], a[kq], b[2], b[3]);
+                fdma_ldmatrix_x4_trans(b, sB + bt_off<kDp>(L, kq * 16, kC0 / 16 + np));
+                fdma_mma16816<T>(acc[2 * np], a[kq], b[0], b[1]);
+                fdma_mma16816<T>(acc[2 * np + 1], a[kq], b[2], b[3]);
             }
         }
     }
@@ -256,10 +201,10 @@ template <typename T, int kN, typename F>
 __device__ __forceinline__ void to_afrag(uint32_t (&a)[kN / 2][4], const float (&c)[kN][4], F f) {
 #pragma unroll
     for (int kq = 0; kq < kN / 2; kq++) {
-        a[kq][0] = Mma<T>::pack(c[2 * kq][0] * f(2 * kq, 0), c[2 * kq][1] * f(2 * kq, 1));
-        a[kq][1] = Mma<T>::pack(c[2 * kq][2] * f(2 * kq, 2), c[2 * kq][3] * f(2 * kq, 3));
-        a[kq][2] = Mma<T>::pack(c[2 * kq + 1][0] * f(2 * kq + 1, 0), c[2 * kq + 1][1] * f(2 * kq + 1, 1));
-        a[kq][3] = Mma<T>::pack(c[2 * kq + 1][2] * f(2 * kq + 1, 2), c[2 * kq + 1][3] * f(2 * kq + 1, 3));
+        a[kq][0] = fdma_pack2<T>(c[2 * kq][0] * f(2 * kq, 0), c[2 * kq][1] * f(2 * kq, 1));
+        a[kq][1] = fdma_pack2<T>(c[2 * kq][2] * f(2 * kq, 2), c[2 * kq][3] * f(2 * kq, 3));
+        a[kq][2] = fdma_pack2<T>(c[2 * kq + 1][0] * f(2 * kq + 1, 0), c[2 * kq + 1][1] * f(2 * kq + 1, 1));
+        a[kq][3] = fdma_pack2<T>(c[2 * kq + 1][2] * f(2 * kq + 1, 2), c[2 * kq + 1][3] * f(2 * kq + 1, 3));
     }
 }
 
@@ -491,13 +436,13 @@ __device__ __forceinline__ void dkdv_pass(const Args &a, unsigned char *smem, in
     };
 
     load_tile(0, 0);
-    cp_async_commit();
+    fdma_cp_async_commit();
     for (int t = 0; t < ntiles; t++) {
         const int buf = t & 1;
         __syncthreads();
         if (t + 1 < ntiles) load_tile(t + 1, buf ^ 1);
-        cp_async_commit();
-        cp_async_wait<1>();
+        fdma_cp_async_commit();
+        fdma_cp_async_wait<1>();
         __syncthreads();
 
         const int h = h_lo + t / nm;
@@ -567,14 +512,14 @@ __device__ __forceinline__ void dkdv_pass(const Args &a, unsigned char *smem, in
 #pragma unroll
                         for (int kk = 0; kk < kBN / 16; kk++) {
                             uint32_t af[4];
-                            ldsm_x4_t(af, sdS + (kk * 16 + L.rB) * kSdsStride + rg * 16 + (((lane >> 3) & 1) << 3));
+                            fdma_ldmatrix_x4_trans(af, sdS + (kk * 16 + L.rB) * kSdsStride + rg * 16 + (((lane >> 3) & 1) << 3));
 #pragma unroll
                             for (int np = 0; np < kChunk / 16; np++) {
                                 if (c0 + np * 16 < a.D) {
                                     uint32_t bf[4];
-                                    ldsm_x4_t(bf, sK + bt_off<kDp>(L, kk * 16, (c0 >> 4) + np));
-                                    Mma<T>::run(qa[2 * np], af, bf[0], bf[1]);
-                                    Mma<T>::run(qa[2 * np + 1], af, bf[2], bf[3]);
+                                    fdma_ldmatrix_x4_trans(bf, sK + bt_off<kDp>(L, kk * 16, (c0 >> 4) + np));
+                                    fdma_mma16816<T>(qa[2 * np], af, bf[0], bf[1]);
+                                    fdma_mma16816<T>(qa[2 * np + 1], af, bf[2], bf[3]);
                                 }
                             }
                         }
@@ -599,7 +544,7 @@ __device__ __forceinline__ void dkdv_pass(const Args &a, unsigned char *smem, in
             }
         }
     }
-    cp_async_wait<0>();
+    fdma_cp_async_wait<0>();
     __syncthreads();
 }
 
@@ -623,7 +568,7 @@ __device__ __forceinline__ void write_kv(const Args &a, const float (&acc)[kAcc 
                         make_float2(x, y);
                 } else {
                     T *p = (T *)dst + b * st[0] + j * st[1] + (int64_t)hkv * st[2] + d;
-                    *reinterpret_cast<uint32_t *>(p) = Mma<T>::pack(x, y);
+                    *reinterpret_cast<uint32_t *>(p) = fdma_pack2<T>(x, y);
                 }
             }
         }
@@ -691,7 +636,7 @@ __global__ void __launch_bounds__(kBN * 2, 1) dkdv_kernel(const Args a) {
                                              a.ks[1], a.Sk - n0, a.D);
             load_rows<T, kBN, kDp, kThreads>(sV, (const T *)a.v + b * a.vs[0] + (int64_t)hkv * a.vs[2] + n0 * a.vs[1],
                                              a.vs[1], a.Sk - n0, a.D);
-            cp_async_commit();
+            fdma_cp_async_commit();
             const bool partial = a.hph == 1 && a.g > 1;
             float *dvp = partial ? a.dvpart : nullptr, *dkp = partial ? a.dkpart : nullptr;
             if constexpr (kDp == 64 && kDkdvAcc > 64) {
@@ -752,7 +697,7 @@ __global__ void __launch_bounds__(128, 1) dq_kernel(const Args a) {
         load_rows<T, kBN, kDp, kThreads>(sV + buf * kBN * kDp, gv + j0 * a.vs[1], a.vs[1], a.Sk - j0, a.D);
     };
     if (nN > 0) load_kv(0, 0);
-    cp_async_commit();
+    fdma_cp_async_commit();
 
     float lse_r[2], di_r[2];
 #pragma unroll
@@ -774,8 +719,8 @@ __global__ void __launch_bounds__(128, 1) dq_kernel(const Args a) {
         const int buf = nb & 1;
         __syncthreads();
         if (nb + 1 < nN) load_kv(nb + 1, buf ^ 1);
-        cp_async_commit();
-        cp_async_wait<1>();
+        fdma_cp_async_commit();
+        fdma_cp_async_wait<1>();
         __syncthreads();
         const int64_t j0 = (int64_t)nb * kBN;
         const uint32_t vis = visible_bits<false, 8>(a, b, h, i0, j0, row0, lane);
@@ -798,7 +743,7 @@ __global__ void __launch_bounds__(128, 1) dq_kernel(const Args a) {
         to_afrag<T, 8>(da, dp, [](int, int) { return 1.f; });
         gemm_regs_b<T, kDp, 8>(acc, da, sKb, ksteps, L); /* dQ += dS K */
     }
-    cp_async_wait<0>();
+    fdma_cp_async_wait<0>();
 
 #pragma unroll
     for (int n = 0; n < kDp / 8; n++)
@@ -808,7 +753,7 @@ __global__ void __launch_bounds__(128, 1) dq_kernel(const Args a) {
             const int d = n * 8 + 2 * t4;
             if (i < a.Sq && d < a.D) {
                 T *p = (T *)a.dq + b * a.dqs[0] + i * a.dqs[1] + (int64_t)h * a.dqs[2] + d;
-                *reinterpret_cast<uint32_t *>(p) = Mma<T>::pack(acc[n][2 * hf] * a.scale, acc[n][2 * hf + 1] * a.scale);
+                *reinterpret_cast<uint32_t *>(p) = fdma_pack2<T>(acc[n][2 * hf] * a.scale, acc[n][2 * hf + 1] * a.scale);
             }
         }
 #endif
