@@ -28,6 +28,17 @@ Devices:
     kernels for calls with the same shapes, dtypes and options (dynamo guards), so only a new shape compiles.
     A causal-only BlockMask is cached per (Sq, Sk, device). Decoding with a growing KV cache is a new Sk per
     step: each compiles once, and past dynamo's recompile limit torch runs its unfused flex path instead.
+    Two kernel_options work around Inductor failures seen with torch 2.11 / triton 3.6 (issue 6, measured
+    by dev/flex/probe.py on an H200 and an H100; dev/flex/NOTES.md); FDMA_FLEX_LEGACY=1 in the environment
+    turns both off:
+      - FORCE_USE_FLEX_ATTENTION when a BlockMask is passed, H != Hkv and Sq < 128 < Sq * (H / Hkv).
+        Inductor's flex-decoding forward (taken for Sq < 128 under GQA) tiles the G * Sq packed query rows
+        with BLOCK_M = next_pow2(G * Sq) > 128, which the BlockMask's 128-row blocks do not divide: every
+        config is dropped and the forward's lowering raises NoValidChoicesError. The main kernel is used.
+      - bwd_num_stages=2 on sm90 / sm100 when D > 64 (fp16 / bf16) and both the bias and the mask have Sq
+        rows: the default sm90 backward config (BLOCK 64, 128, 128, 64; 3 stages) pipelines both 2-D tiles
+        and asks for 240 KB of shared memory (limit 227 KB): "out of resource" at the first backward. Either
+        tile alone fits, and so does D = 64. (sm100's default has the same blocks and stages; not measured.)
   * CPU: torch 2.11's flex_attention refuses inputs that require grad on CPU, and its compiled CPU path
     (inductor C++) is inference-only, cannot return the lse and compiles for tens of seconds per shape. The
     CPU path therefore calls the flex_attention operator (torch._higher_order_ops.flex_attention) directly,
@@ -41,6 +52,7 @@ deterministic.
 """
 import functools
 import math
+import os
 
 import torch
 
@@ -203,6 +215,28 @@ def _causal_block_mask(Sq, Sk, device):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# kernel_options against Inductor failures (module docstring, Devices; issue 6).
+
+def _legacy():
+    """FDMA_FLEX_LEGACY=1: no workaround kernel_options (the behaviour before issue 6), for comparisons."""
+    return os.environ.get("FDMA_FLEX_LEGACY", "") not in ("", "0")
+
+
+def _kernel_options(H, Hkv, Sq, D, dtype, bias_rows, mask_rows, blocked, capability):
+    """kernel_options for the compiled call (module docstring, Devices), or None. H / Hkv query / key heads, Sq
+    query rows, D head dim, bias_rows / mask_rows rows of the bias / mask views (0 when absent), blocked: a
+    BlockMask (128-row blocks) is passed, capability: the CUDA device's (major, minor)."""
+    opts = {}
+    g = H // Hkv
+    if blocked and g > 1 and Sq < _BLOCK < Sq * g:
+        opts["FORCE_USE_FLEX_ATTENTION"] = True
+    if (bias_rows > 1 and mask_rows > 1 and D > 64 and dtype in (torch.float16, torch.bfloat16)
+            and capability[0] in (9, 10)):
+        opts["bwd_num_stages"] = 2
+    return opts or None
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The two execution paths.
 
 def _run_cpu(q, k, v, score_mod, mask_mod, bias, mask, scale):
@@ -238,8 +272,13 @@ def _run_compiled(q, k, v, score_mod, mask_mod, bias, mask, scale, causal, has_s
                 return score_mod(score, b, h, i, j, bias)
         else:
             sm = score_mod
+    opts = None
+    if not _legacy():
+        opts = _kernel_options(H, Hkv, Sq, q.shape[3], q.dtype, 0 if bias is None else bias.shape[2],
+                               0 if mask is None else mask.shape[2], bm is not None,
+                               torch.cuda.get_device_capability(q.device))
     out, aux = _compiled()(q, k, v, score_mod=sm, block_mask=bm, scale=scale, enable_gqa=(H != Hkv),
-                           return_aux=AuxRequest(lse=True))
+                           return_aux=AuxRequest(lse=True), kernel_options=opts)
     return out, aux.lse
 
 

@@ -5,9 +5,10 @@ float64 reference and x_torch the same math in PyTorch at the inputs' precision.
 
 Covered: forward (out, lse) and backward (dq, dk, dv, dbias in the caller's bias shape) for every mask and bias
 form of cases.py, exact masks with fully masked rows, -inf biases, causal with Sq < Sk and Sq > Sk, GQA / MQA,
-softcap, keep_window_size (SPEC section 6), the errors for options flex cannot do, and that repeated calls do
-not recompile. CPU runs torch's unfused flex_attention operator (small sizes, a minute or so on 2 cores);
-gpu-marked cases run the compiled kernels on CUDA at larger sizes:  pytest tests/python/test_flex.py -m gpu
+softcap, keep_window_size (SPEC section 6), the errors for options flex cannot do, that repeated calls do
+not recompile, and the kernel_options that work around torch 2.11 Inductor failures (issue 6). CPU runs
+torch's unfused flex_attention operator (small sizes, a minute or so on 2 cores); gpu-marked cases run the
+compiled kernels on CUDA at larger sizes:  pytest tests/python/test_flex.py -m gpu
 
 flex_attention allocates its own outputs, so the NaN poisoning of SPEC section 8 cannot reach them; a missing
 element still shows up as a mismatch against the reference (and NaN anywhere fails assert_spec_close).
@@ -229,6 +230,36 @@ def test_cpu_path_does_not_compile():
     assert sum(counters["frames"].values()) == before
 
 
+def test_kernel_options_rule(monkeypatch):
+    """The issue-6 kernel_options (flash_dmattn_flex._kernel_options) are chosen where torch 2.11's Inductor
+    needs them, and FDMA_FLEX_LEGACY=1 turns them off. Arguments: H, Hkv, Sq, D, dtype, bias rows, mask rows,
+    BlockMask passed, device capability."""
+    ko = FX._kernel_options
+    force = {"FORCE_USE_FLEX_ATTENTION": True}
+    # flex-decoding forward (Sq < 128, GQA): BLOCK_M = next_pow2(G * Sq) must divide the 128-row blocks
+    assert ko(4, 2, 113, 64, F16, 1, 113, True, (9, 0)) == force
+    assert ko(8, 2, 65, 64, BF16, 0, 65, True, (8, 0)) == force
+    assert ko(8, 2, 32, 64, F16, 1, 32, True, (9, 0)) is None            # G * Sq = 128: one block
+    assert ko(4, 4, 113, 64, F16, 1, 113, True, (9, 0)) is None          # no GQA: BLOCK_M = next_pow2(Sq)
+    assert ko(4, 2, 128, 64, F16, 1, 128, True, (9, 0)) is None          # Sq >= 128: the main kernel
+    assert ko(4, 2, 113, 64, F16, 1, 0, False, (9, 0)) is None           # no BlockMask: no 128-row blocks
+    # backward shared memory: bias and mask both with Sq rows, D > 64, fp16 / bf16, sm90 / sm100
+    stages = {"bwd_num_stages": 2}
+    assert ko(16, 4, 4096, 128, BF16, 4096, 4096, True, (9, 0)) == stages
+    assert ko(16, 4, 4096, 96, F16, 4096, 4096, True, (10, 0)) == stages
+    assert ko(4, 2, 113, 128, F16, 113, 113, True, (9, 0)) == {**force, **stages}
+    for bias_rows, mask_rows, D, dtype, cap in [(4096, 1, 128, BF16, (9, 0)), (1, 4096, 128, BF16, (9, 0)),
+                                                (4096, 0, 128, BF16, (9, 0)), (4096, 4096, 64, BF16, (9, 0)),
+                                                (4096, 4096, 128, F32, (9, 0)), (4096, 4096, 128, BF16, (8, 0))]:
+        assert ko(16, 4, 4096, D, dtype, bias_rows, mask_rows, True, cap) is None
+    monkeypatch.delenv("FDMA_FLEX_LEGACY", raising=False)
+    assert not FX._legacy()
+    monkeypatch.setenv("FDMA_FLEX_LEGACY", "1")
+    assert FX._legacy()
+    monkeypatch.setenv("FDMA_FLEX_LEGACY", "0")
+    assert not FX._legacy()
+
+
 def test_package_export():
     import flash_dmattn
     assert flash_dmattn.flex_dmattn_func is FX.flex_dmattn_func
@@ -241,14 +272,32 @@ def test_package_export():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [F16, BF16])
 @pytest.mark.parametrize("B,Sq,Sk,H,Hkv,D", [(2, 113, 257, 4, 2, 64), (1, 1000, 4095, 2, 1, 128),
-                                             (2, 257, 113, 4, 4, 32), (1, 1, 257, 8, 2, 64)])
+                                             (2, 257, 113, 4, 4, 32), (1, 1, 257, 8, 2, 64),
+                                             (1, 65, 300, 8, 2, 64), (1, 32, 300, 8, 2, 64)])
 def test_gpu_forward_backward(dtype, B, Sq, Sk, H, Hkv, D):
+    """Per-key bias with grad, (B, 1, Sq, Sk) mask, causal. Sq < 128 with GQA and Sq * G > 128 (113 x 2,
+    65 x 4) is where torch 2.11's flex-decoding forward found no config (issue 6); 32 x 4 = 128 still decodes."""
     torch.manual_seed(10)
     q, k, v = C.qkv(B, Sq, Sk, H, Hkv, D, dtype, "cuda", requires_grad=True)
     mask = torch.rand(B, 1, Sq, Sk, device="cuda") > 0.3
     mask[:, :, Sq // 2] = False
     mask[:, :, :, : Sk // 3] = False                            # whole empty tiles
     bias = (torch.randn(B, Hkv, 1, Sk, device="cuda") * 2).to(dtype).requires_grad_()
+    res, dout = _run(q, k, v, mask, bias, causal=True)
+    _check(res, q, k, v, mask, bias, dout, causal=True, dbias=(res["dbias"], lambda r: r))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("Sq,Sk", [(384, 384), (300, 445)])
+def test_gpu_full_bias_full_mask_d128(Sq, Sk):
+    """W2's form at D = 128: bias (B, Hkv, Sq, Sk) with grad and mask (B, Hkv, Sq, Sk). At 384 x 384 torch 2.11's
+    default sm90 backward config asked for 240 KB of shared memory (issue 6); 300 x 445 (not multiples of
+    128) compiled even without the workaround, and checks the awkward sizes."""
+    B, H, Hkv, D = 1, 4, 2, 128
+    torch.manual_seed(12)
+    q, k, v = C.qkv(B, Sq, Sk, H, Hkv, D, BF16, "cuda", requires_grad=True)
+    mask = torch.rand(B, Hkv, Sq, Sk, device="cuda") > 0.6
+    bias = torch.randn(B, Hkv, Sq, Sk, device="cuda").to(BF16).requires_grad_()
     res, dout = _run(q, k, v, mask, bias, causal=True)
     _check(res, q, k, v, mask, bias, dout, causal=True, dbias=(res["dbias"], lambda r: r))
 
