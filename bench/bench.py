@@ -4,6 +4,11 @@ bench.py -- forward and backward benchmark of flash-dmattn against its peers (/w
 Workloads (bf16, causal; B=1, H=16, Hkv=4, D=128 unless named; Sk from --sizes, default 4096,16384):
   Dense   no mask, no bias
   W1      bias (B, Hkv, 1, Sk), keep mask (B, Hkv, 1, Sk) = top-w keys by bias (w=1024), causal in the kernel
+  W1c     bias (B, Hkv, 1, Sk), keep = per-row causal top-w (SPEC section 6, issue 8), selected by the call
+          itself: ours is flash_dmattn_func(q, k, v, attn_bias=bias, keep_window_size=w, is_causal=True), the
+          selection inside the timed call. At each --sizes Sk (w=1024) right after W1, and at --w1c-long
+          (default 65536 with w=1024, 131072 with w=2048) after every other workload; above --fdma-only-above
+          (default 65536) ours alone, with peak memory
   W2      bias (B, Hkv, Sq, Sk), keep mask (B, Hkv, Sq, Sk) = per-row causal top-w (SPEC section 6)
   W1 B2 H16 D64   W1 with B=2, H=Hkv=16, D=64, Sk=8192, w=2048
   Decode  Sq=1, W1 bias and mask with w=1024, Sk from --decode-sizes (default 16384,131072); forward only
@@ -18,6 +23,10 @@ Peers, all in this process on the same inputs (columns; a peer that cannot run a
   flex         FlexAttention (torch.compile'd): score_mod adds the bias, block_mask from keep & causal (built
                once, outside the timing)
   mask         flash_dmattn.create_mask alone (top-k, timed separately);  fdma+mask  both, as a user runs it
+W1c peers that need the (B, Hkv, Sq, Sk) selection materialised (by flash_dmattn.create_mask, outside the timing
+except in mask / fdma+mask): sdpa_bias, flex, mask, fdma+mask, and fdma_triton / fdma_flex (which build it inside
+the call); all of them only at Sk <= --materialise-max (default 16384). The dense peers (SDPA flash / cuDNN, no
+mask) run at every W1c size up to --fdma-only-above.
 GQA: SDPA peers use enable_gqa=True where the backend takes it (probed at start), else K/V pre-repeated to H
 heads outside the timing (the backward then returns dK/dV per query head; summed per group for the checks).
 
@@ -28,7 +37,10 @@ require grad. TFLOP/s: forward 4*B*H*Sq*Sk*D (halved when causal with Sq == Sk),
 counts only the kept (query, key) pairs. Ratios (peer ms / ours ms) only within this run.
 Checks: max |out - ref| (finite entries) and max |dX - dX_ref| / max |dX_ref| for ours against the reference
 peer (sdpa_bias with a bias, else sdpa_flash; pass 3 backends against fdma). Peak memory (W1 rows):
-torch.cuda.max_memory_allocated over ours' forward+backward, W1 vs the same call without mask/bias.
+torch.cuda.max_memory_allocated over ours' forward+backward, W1 vs the same call without mask/bias; W1c: the
+fused call, vs dense up to Sk=65536, and against the bytes of its own tensors (q k v bias out dout lse grads).
+The report ends with issue 8's bars: W1c t(4 Sk)/t(Sk) at fixed w (<= 5), W1 / W1c vs SDPA cuDNN's dense
+causal forward and backward (>= 5x at 16K), W1c peak memory.
 
 Passes (so that a time budget keeps the cheap, essential numbers): 1. SDPA peers, fdma, mask; 2. flex;
 3. fdma_triton, fdma_flex. Each pass walks the workloads in priority order; --budget-s skips what no longer
@@ -36,6 +48,7 @@ fits (printed). bench.json is rewritten after every workload; SIGTERM writes the
 
   python bench/bench.py [--sizes 4096,16384] [--decode-sizes 16384,131072] [--out DIR] [--quick]
                         [--budget-s S] [--skip PEER,...] [--no-bwd]
+                        [--w1c-long 65536,131072:2048] [--materialise-max 16384] [--fdma-only-above 65536]
   python bench/bench.py --report DIR/bench.json     table and bench.png from a saved run (no GPU)
   python bench/bench.py --smoke                     tiny sizes on the CPU (control flow only, no timings)
 Needs FDMA_LIBRARY (a built libflashdma.so) or the installed package. Writes bench.json and bench.png to --out.
@@ -119,6 +132,26 @@ def make_w2(B, Hkv, Sq, Sk, w, dev, dt):
     return bias, keep
 
 
+def w1c_pairs(B, H, Sq, Sk, w):
+    """Kept (b, h, i, j) of W1c: row i has i + Sk - Sq + 1 causal candidates (bias finite, no base mask) and
+    keeps min(w, that) of them."""
+    total = 0
+    for i in range(Sq):
+        total += min(w, max(0, i + Sk - Sq + 1))
+    return total * B * H
+
+
+def w1c_selection(X, ctx):
+    """The W1c keep mask (B, Hkv, Sq, Sk) bool (SPEC section 6, by flash_dmattn.create_mask), made once per
+    workload for the peers that need it; a string saying why not above --materialise-max."""
+    if X["Sk"] > ctx.args.materialise_max:
+        return (f"needs the ({X['Sq']}, {X['Sk']}) selection materialised; skipped above "
+                f"--materialise-max {ctx.args.materialise_max}")
+    if "sel" not in X:
+        X["sel"] = ctx.fd.create_mask(X["bias"], is_causal=True, keep_window_size=X["w"], query_len=X["Sq"])
+    return X["sel"]
+
+
 def visible_pairs(keep, B, H, Hkv, Sq, Sk, dev):
     """Number of (b, h, i, j) with keep & causal (bottom-right); keep None = causal only."""
     j = torch.arange(Sk, device=dev)
@@ -151,20 +184,29 @@ def dense_flops(B, H, Sq, Sk, D, causal):
     return f / 2 if causal and Sq == Sk else f
 
 
-def workload_list(sizes, decode_sizes, w, smoke):
-    """Workloads in priority order (a budget cuts from the end)."""
+def workload_list(sizes, decode_sizes, w, smoke, w1c_long=(), fdma_only_above=math.inf):
+    """Workloads in priority order (a budget cuts from the end). w1c_long: (Sk, w) pairs of the long W1c rows,
+    last; a W1c row with Sk > fdma_only_above runs ours alone ("only")."""
     def wl(name, kind, B, H, Hkv, Sq, Sk, D, w_):
         return {"workload": name, "kind": kind, "B": B, "H": H, "Hkv": Hkv, "Sq": Sq, "Sk": Sk, "D": D, "w": w_,
                 "causal": True}
+
+    def w1c(Sk, w_):
+        r = wl("W1c", "W1c", 1, 16, 4, Sk, Sk, 128, w_)
+        if Sk > fdma_only_above:
+            r["only"] = ["fdma"]
+        return r
     s0, rest = sizes[0], sizes[1:]
-    out = [wl("Dense", "dense", 1, 16, 4, s0, s0, 128, 0), wl("W1", "W1", 1, 16, 4, s0, s0, 128, w)]
-    out += [wl("W1", "W1", 1, 16, 4, s, s, 128, w) for s in rest]
+    out = [wl("Dense", "dense", 1, 16, 4, s0, s0, 128, 0), wl("W1", "W1", 1, 16, 4, s0, s0, 128, w), w1c(s0, w)]
+    for s in rest:
+        out += [wl("W1", "W1", 1, 16, 4, s, s, 128, w), w1c(s, w)]
     out += [wl("Decode", "decode", 1, 16, 4, 1, s, 128, w) for s in decode_sizes]
     out += [wl("Dense", "dense", 1, 16, 4, s, s, 128, 0) for s in rest]
     out.append(wl("W2", "W2", 1, 16, 4, s0, s0, 128, w))
     b2 = 256 if smoke else 8192
     out.append(wl("W1 B2 H16 D64", "W1", 2, 16, 16, b2, b2, 64, 2 * w))
     out += [wl("W2", "W2", 1, 16, 4, s, s, 128, w) for s in rest]
+    out += [w1c(s, w_) for s, w_ in w1c_long]
     return out
 
 
@@ -272,6 +314,10 @@ def build_peer(name, X, ctx):
             backend = None
         native = g == 1 or ctx.gqa.get(backend, False)
         is_causal = X["causal"] and Sq == Sk and not with_mask   # Sq=1 decode: bottom-right row sees all keys
+        if with_mask and kind == "W1c":
+            keep = w1c_selection(X, ctx)
+            if isinstance(keep, str):
+                return keep
         if with_mask and "fm" not in X:
             X["fm"] = float_mask(keep, bias, H, Sq, Sk)
         m = X["fm"] if with_mask else None
@@ -318,11 +364,13 @@ def build_peer(name, X, ctx):
             return "no bias in this workload"
         if fd is None or fd.create_mask is None:
             return "flash_dmattn.create_mask unavailable"
-        causal_rows = kind == "W2"
+        causal_rows = kind in ("W2", "W1c")
         w = X["w"]
+        if kind == "W1c" and Sk > ctx.args.materialise_max:
+            return w1c_selection(X, ctx)
 
-        def mk():
-            return fd.create_mask(bias, is_causal=causal_rows, keep_window_size=w)
+        def mk():   # W1c: the per-row causal selection of a per-key bias, materialised (B, Hkv, Sq, Sk)
+            return fd.create_mask(bias, is_causal=causal_rows, keep_window_size=w, query_len=Sq)
         if name == "mask":
             return Peer(name, lambda tr: (), mk, has_bwd=False)
         if not getattr(fd, "CUDA_AVAILABLE", False) and ctx.dev == "cuda":
@@ -341,9 +389,14 @@ def build_peer(name, X, ctx):
         if f is None or not avail:
             why = getattr(getattr(fd, "_lib", None), "LOAD_ERROR", None) if name == "fdma" else None
             return f"backend unavailable ({why or 'flag False'})"
+        # W1c: the call selects per row itself (keep_window_size); triton / flex build the selection inside
+        # the call with create_mask, so they are held to the same size limit as the materialising peers
+        window = X["w"] if kind == "W1c" else None
+        if kind == "W1c" and name != "fdma" and Sk > ctx.args.materialise_max:
+            return w1c_selection(X, ctx)
 
         def call(q_, k_, v_, b_=None):
-            o = f(q_, k_, v_, attn_mask=keep, attn_bias=b_, is_causal=X["causal"])
+            o = f(q_, k_, v_, attn_mask=keep, attn_bias=b_, is_causal=X["causal"], keep_window_size=window)
             return o[0] if isinstance(o, tuple) else o
 
         def grads(inp):
@@ -365,18 +418,22 @@ def build_peer(name, X, ctx):
             return f"flex_attention unavailable: {e}"
         if ctx.flex_compiled is None:
             ctx.flex_compiled = torch.compile(flex_attention, dynamic=False)
+        if kind == "W1c":
+            keep = w1c_selection(X, ctx)
+            if isinstance(keep, str):
+                return keep
         flex = ctx.flex_compiled
         off = Sk - Sq
         if bias.shape[2] == 1:
             def score_mod(s, b, h, qi, kj):
                 return s + bias[b, h // g, 0, kj]
-
-            def mask_mod(b, h, qi, kj):
-                return keep[b, h // g, 0, kj] & (kj <= qi + off)
         else:
             def score_mod(s, b, h, qi, kj):
                 return s + bias[b, h // g, qi, kj]
-
+        if keep.shape[2] == 1:
+            def mask_mod(b, h, qi, kj):
+                return keep[b, h // g, 0, kj] & (kj <= qi + off)
+        else:
             def mask_mod(b, h, qi, kj):
                 return keep[b, h // g, qi, kj] & (kj <= qi + off)
         bm = create_block_mask(mask_mod, B, H, Sq, Sk, device=ctx.dev, _compile=True)
@@ -410,6 +467,8 @@ def make_inputs(spec, ctx, row_id):
         X["bias"], X["keep"] = make_w1(B, Hkv, Sq, Sk, w, dev, DT)
     elif spec["kind"] == "W2":
         X["bias"], X["keep"] = make_w2(B, Hkv, Sq, Sk, w, dev, DT)
+    elif spec["kind"] == "W1c":   # no keep mask: ours selects; every row has a causal key (Sq == Sk)
+        X["bias"] = torch.randn(B, Hkv, 1, Sk, device=dev, dtype=DT)
     X["valid"] = None
     if X["keep"] is not None:   # (B, Sq, H): rows with at least one visible key (others: peers may differ)
         kp = X["keep"]
@@ -542,6 +601,47 @@ def peak_memory(X, ctx, row):
     ctx.free()
 
 
+def peak_memory_w1c(X, ctx, row):
+    """W1c peak memory (MiB) of ours' fused forward+backward (selection included). fdma: allocated beyond the
+    inputs (as for W1); fdma_total: that plus the inputs q, k, v, bias, dout (what a process running only this
+    call peaks at); tensors: the call's own tensors (q, k, v, bias, dout, out, lse, dq, dk, dv, dbias); up to
+    Sk=65536 also fdma_dense, the same q/k/v without bias or window, for the peak column's ratio. CUDA only."""
+    if ctx.dev != "cuda" or ctx.fd is None or not getattr(ctx.fd, "CUDA_AVAILABLE", False):
+        return
+    f = ctx.fd.flash_dmattn_func
+    res = {}
+    B, H, Sq = X["B"], X["H"], X["Sq"]
+    runs = [("fdma", True)] + ([("fdma_dense", False)] if X["Sk"] <= 65536 else [])
+    for label, use in runs:
+        if ctx.left() < 10:
+            row.setdefault("skipped", {})["peak/" + label] = f"budget ({ctx.left():.0f} s left)"
+            continue
+        try:
+            q_, k_, v_ = (_leaf(t) for t in (X["q"], X["k"], X["v"]))
+            b_ = _leaf(X["bias"]) if use else None
+            ctx.free()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            out = f(q_, k_, v_, attn_bias=b_, is_causal=True, keep_window_size=X["w"] if use else None)
+            out.backward(X["dout"])
+            torch.cuda.synchronize()
+            res[label] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            if use:
+                def nb(ts):
+                    return sum(t.numel() * t.element_size() for t in ts) / 2**20
+                inputs = nb([q_, k_, v_, b_, X["dout"]])
+                res["fdma_total"] = res[label] + inputs
+                res["tensors"] = inputs + nb([out, q_.grad, k_.grad, v_.grad, b_.grad]) + B * H * Sq * 4 / 2**20
+            del out, q_, k_, v_, b_
+        except Exception as e:
+            row.setdefault("errors", {})["peak/" + label] = f"{type(e).__name__}: {e}"[:300]
+    if "fdma" in res and res.get("fdma_dense"):
+        res["ratio"] = res["fdma"] / res["fdma_dense"]
+    row["peak_mb"] = res
+    ctx.free()
+
+
 def ref_name(kind, pass_no, fd_ok):
     if pass_no == 2 and fd_ok:
         return "fdma"
@@ -562,6 +662,11 @@ def run_workload(spec, row, row_id, peers, pass_no, ctx):
     a = ctx.args
     kind = spec["kind"]
     peers = [p for p in peers if applies(p, kind)]
+    if spec.get("only"):
+        for p in peers:
+            if p not in spec["only"]:
+                row.setdefault("n/a", {})[p] = f"Sk={spec['Sk']}: {', '.join(spec['only'])} only"
+        peers = [p for p in peers if p in spec["only"]]
     if not peers:
         return
     X = make_inputs(spec, ctx, row_id)
@@ -569,8 +674,11 @@ def run_workload(spec, row, row_id, peers, pass_no, ctx):
     rname = ref_name(kind, pass_no, fd_ok)
     if not row.get("flops"):
         row["flops"] = dense_flops(spec["B"], spec["H"], spec["Sq"], spec["Sk"], spec["D"], spec["causal"])
-        row["useful_flops"] = 4.0 * visible_pairs(X["keep"], spec["B"], spec["H"], spec["Hkv"], spec["Sq"],
-                                                  spec["Sk"], ctx.dev) * spec["D"]
+        if kind == "W1c":
+            pairs = w1c_pairs(spec["B"], spec["H"], spec["Sq"], spec["Sk"], spec["w"])
+        else:
+            pairs = visible_pairs(X["keep"], spec["B"], spec["H"], spec["Hkv"], spec["Sq"], spec["Sk"], ctx.dev)
+        row["useful_flops"] = 4.0 * pairs * spec["D"]
         row["gqa_native"] = {k: v for k, v in ctx.gqa.items()}
     ref = None
     order = list(peers)
@@ -619,6 +727,8 @@ def run_workload(spec, row, row_id, peers, pass_no, ctx):
             ref = r
     if pass_no == 0 and kind == "W1":
         peak_memory(X, ctx, row)
+    if pass_no == 0 and kind == "W1c" and "fdma" in peers and "fdma" not in a.skip:
+        peak_memory_w1c(X, ctx, row)
     X.clear()
     ctx.free()
 
@@ -646,8 +756,12 @@ def report(data, out_dir=None):
                 cells.append(fmt_ms(f) + ("/" + fmt_ms(b) if b is not None else ""))
         lines.append(f"{r['workload']:14s}{r['Sk']:7d} " + "".join(f"{c:>14s}" for c in cells))
     lines.append("")
+    if any(r["kind"] == "W1c" for r in rows):
+        lines.append("W1c: fdma = flash_dmattn_func(attn_bias=bias, keep_window_size=w, is_causal=True), the per-row "
+                     "top-w selection inside the timed call; fdma+mask = create_mask (materialised) + the dense-mask "
+                     "call, both timed; sdpa_bias / flex / mask get the materialised selection (made untimed)")
     lines.append("ours (fdma): TFLOP/s dense/useful convention; ratio = peer ms / fdma ms (> 1: fdma faster); "
-                 "peak = W1 fwd+bwd peak / dense peak")
+                 "peak = W1 / W1c fwd+bwd peak / dense peak")
     cols = [("sdpa_flash", "flash"), ("sdpa_cudnn", "cudnn"), ("sdpa_bias", "bias"), ("flex", "flex"),
             ("sdpa_gather", "gath"), ("fdma_triton", "trit"), ("fdma_flex", "flexbk")]
     lines.append(f"{'workload':14s}{'Sk':>7s} {'fwd TF d/u':>13s} {'bwd TF d/u':>13s} | fwd x " +
@@ -682,9 +796,12 @@ def report(data, out_dir=None):
         pm = r.get("peak_mb", {})
         if pm.get("fdma"):
             parts.append(f"peak {pm['fdma']:.0f}/{pm.get('fdma_dense', 0):.0f} MB")
+        if pm.get("fdma_total"):
+            parts.append(f"with inputs {pm['fdma_total']:.0f} MB (own tensors {pm['tensors']:.0f} MB)")
         if r.get("fwd_ms", {}).get("mask") is not None:
             parts.append(f"mask {r['fwd_ms']['mask']:.3f} ms, fdma+mask {fmt_ms(r['fwd_ms'].get('fdma+mask'))} ms")
         lines.append(f"{r['workload']:14s}{r['Sk']:7d}  " + "; ".join(parts))
+    lines += issue8_lines(rows)
     ne = sum(len(r.get("errors", {})) for r in rows)
     sk = sorted({f"{r['workload']} {r['Sk']}: {p}" for r in rows for p, why in r.get("skipped", {}).items()
                  if why != "--skip"})
@@ -705,6 +822,48 @@ def report(data, out_dir=None):
     print("\n".join(lines), flush=True)
     if out_dir:
         plot(data, os.path.join(out_dir, "bench.png"))
+
+
+def issue8_lines(rows):
+    """Issue 8's bars from this run: W1c time growth at fixed w, W1 / W1c against SDPA cuDNN's dense causal
+    forward and backward, W1c peak memory."""
+    w1c = [r for r in rows if r["kind"] == "W1c"]
+    if not w1c:
+        return []
+    out = ["", "issue 8 bars (same run): W1c t(Sk2)/t(Sk1) at fixed w <= 1.25 x Sk2/Sk1 (<= 5 for 16K -> 64K); "
+               "cuDNN dense causal ms / fdma ms >= 5 at Sk=16K, fwd and bwd"]
+
+    def verdict(ok):
+        return "ok" if ok else "MISS"
+    by_w = {}
+    for r in w1c:
+        by_w.setdefault(r["w"], []).append(r)
+    for w, rs in by_w.items():
+        rs = sorted(rs, key=lambda r: r["Sk"])
+        for a, b in zip(rs, rs[1:]):
+            bar = 1.25 * b["Sk"] / a["Sk"]
+            cells = []
+            for key, tag in (("fwd_ms", "fwd"), ("bwd_ms", "bwd")):
+                ta, tb = a.get(key, {}).get("fdma"), b.get(key, {}).get("fdma")
+                cells.append(f"{tag} {tb / ta:.2f} {verdict(tb / ta <= bar)}" if ta and tb else f"{tag} -")
+            out.append(f"  W1c w={w} t({b['Sk']})/t({a['Sk']}): " + ", ".join(cells) + f" (bar <= {bar:.2f})")
+    for r in rows:
+        if r["kind"] not in ("W1", "W1c") or r["B"] != 1:
+            continue
+        cells = []
+        for key, tag in (("fwd_ms", "fwd"), ("bwd_ms", "bwd")):
+            f, c = r.get(key, {}).get("fdma"), r.get(key, {}).get("sdpa_cudnn")
+            cells.append(f"{tag} {c / f:.2f}x {verdict(c / f >= 5)}" if f and c else f"{tag} -")
+        if any(not c.endswith("-") for c in cells):
+            out.append(f"  {r['workload']} Sk={r['Sk']} w={r['w']} vs cuDNN dense causal: " + ", ".join(cells)
+                       + ("" if r["Sk"] == 16384 else " (bar set at 16K)"))
+    for r in w1c:
+        pm = r.get("peak_mb", {})
+        if pm.get("fdma_total"):
+            out.append(f"  W1c Sk={r['Sk']} w={r['w']} fwd+bwd peak {pm['fdma_total'] / 1024:.2f} GiB with inputs "
+                       f"(own tensors {pm['tensors'] / 1024:.2f} GiB; fwd {fmt_ms(r['fwd_ms'].get('fdma'))} ms, "
+                       f"bwd {fmt_ms(r['bwd_ms'].get('fdma'))} ms)")
+    return out
 
 
 def plot(data, path):
@@ -750,6 +909,11 @@ def main():
     ap.add_argument("--sizes", default="4096,16384")
     ap.add_argument("--decode-sizes", default="16384,131072")
     ap.add_argument("--w", type=int, default=1024)
+    ap.add_argument("--w1c-long", default="65536,131072:2048",
+                    help="long W1c rows, last: Sk or Sk:w (w defaults to --w)")
+    ap.add_argument("--materialise-max", type=int, default=16384,
+                    help="largest W1c Sk at which peers get the materialised (Sq, Sk) selection")
+    ap.add_argument("--fdma-only-above", type=int, default=65536, help="W1c rows above this Sk run ours alone")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true", help="skip the torch.compile'd peers (flex, fdma_flex)")
     ap.add_argument("--skip", default="", help="comma list of peers to leave out")
@@ -774,6 +938,12 @@ def main():
             args.decode_sizes = "512"
         if args.w == ap.get_default("w"):
             args.w = 32
+        if args.w1c_long == ap.get_default("w1c_long"):
+            args.w1c_long = "384,512:64"
+        if args.materialise_max == ap.get_default("materialise_max"):
+            args.materialise_max = 256
+        if args.fdma_only_above == ap.get_default("fdma_only_above"):
+            args.fdma_only_above = 384
     signal.signal(signal.SIGTERM, _on_term)
     signal.signal(signal.SIGALRM, _on_alarm)
     ctx = Ctx(args)
@@ -797,7 +967,11 @@ def main():
     print("sdpa enable_gqa support:", ctx.gqa, flush=True)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     dsizes = [int(s) for s in args.decode_sizes.split(",") if s]
-    specs = workload_list(sizes, dsizes, args.w, args.smoke)
+    w1c_long = []
+    for item in (x for x in args.w1c_long.split(",") if x):
+        sk, _, wl_ = item.partition(":")
+        w1c_long.append((int(sk), int(wl_) if wl_ else args.w))
+    specs = workload_list(sizes, dsizes, args.w, args.smoke, w1c_long, args.fdma_only_above)
     try:
         devname = torch.cuda.get_device_name() if ctx.dev == "cuda" else "cpu (smoke)"
     except Exception as e:

@@ -121,15 +121,19 @@ if has sanitize; then
     [ -x "$TB/test_fwd" ] && job mc_fwd "$(lim 90 $RES)" "${MC[@]}" "$TB/test_fwd" --small
     [ -x "$TB/test_bwd" ] && job mc_bwd "$(lim 90 $RES)" "${MC[@]}" "$TB/test_bwd" --small
     [ -x "$TB/test_topk" ] && job mc_topk "$(lim 90 $RES)" env OMP_NUM_THREADS=4 "${MC[@]}" "$TB/test_topk" --tiny --few --no-timing
+    # the top-k window paths (sparse forward + sparse backward kernel; deterministic sparse) through the package
+    [ -f "$LIB" ] && job mc_sparse "$(lim 180 $RES)" "${PYENV[@]}" "${MC[@]}" $PY -m pytest -q -p no:cacheprovider \
+        "tests/python/test_sparse.py::test_fused_equals_dense_mask_path[bfloat16-B2-H8-Hkv2-bkv-m-Sq77-Sk300-D64-w1-randn]" \
+        "tests/python/test_sparse.py::test_deterministic_is_bitwise[float16-B2-H4-Hkv1-bb1-nom-Sq257-Sk257-D64-w7-few]"
 fi
 if has pytest && [ -f "$LIB" ]; then
     TO=""; $PY -c "import pytest_timeout" 2> /dev/null && TO="--timeout 120"
-    job pytest "$(lim 200 $RES)" "${PYENV[@]}" $PY -m pytest -m gpu tests/python -q $TO -p no:cacheprovider
+    job pytest "$(lim 260 $RES)" "${PYENV[@]}" $PY -m pytest -m gpu tests/python -q $TO -p no:cacheprovider
 fi
 wait
 log "correctness phase $(( $(date +%s) - t )) s"
 { section test_fwd test_bwd test_topk; } > "$OUT/tests.log" 2>&1
-{ section mc_fwd mc_bwd mc_topk; } > "$OUT/memcheck.log" 2>&1
+{ section mc_fwd mc_bwd mc_topk mc_sparse; } > "$OUT/memcheck.log" 2>&1
 { section pytest; } > "$OUT/pytest.log" 2>&1
 
 # ---- timings, one at a time on an idle GPU ----
@@ -174,8 +178,8 @@ has test && {
     grep -hE "^FAIL " "$L/test_fwd.log" "$L/test_bwd.log" "$L/test_topk.log" 2>/dev/null | head -8 | cut -c1-200
     grep -hE "CUDA error|Segmentation|Aborted" "$L/test_fwd.log" "$L/test_bwd.log" "$L/test_topk.log" 2>/dev/null | head -3
 }
-has sanitize && for m in mc_fwd mc_bwd mc_topk; do
-    echo "memcheck ${m#mc_} $(state $m): $(lastl $m 'ERROR SUMMARY') | $(lastl $m '(PASSED|FAILED|cases passed|^correctness:)')"
+has sanitize && for m in mc_fwd mc_bwd mc_topk mc_sparse; do
+    echo "memcheck ${m#mc_} $(state $m): $(lastl $m 'ERROR SUMMARY') | $(lastl $m '(PASSED|FAILED|cases passed|^correctness:| passed| failed)')"
     grep -m3 -E "Invalid|out of bounds|misaligned|Uninitialized" "$L/$m.log" 2>/dev/null | cut -c1-200
 done
 has pytest && {

@@ -58,12 +58,12 @@ extern "C" {
 /* Version. The Python loader refuses a shared library whose fdma_version() differs from what it expects.    */
 
 #define FDMA_VERSION_MAJOR 0
-#define FDMA_VERSION_MINOR 1
+#define FDMA_VERSION_MINOR 2
 #define FDMA_VERSION_PATCH 0
 #define FDMA_VERSION (FDMA_VERSION_MAJOR * 10000 + FDMA_VERSION_MINOR * 100 + FDMA_VERSION_PATCH)
 
 FDMA_API int fdma_version(void);                /* FDMA_VERSION of the library actually loaded */
-FDMA_API const char *fdma_version_string(void); /* "0.1.0" */
+FDMA_API const char *fdma_version_string(void); /* "0.2.0" */
 
 /* ------------------------------------------------------------------------------------------------------- */
 /* Status codes and errors.                                                                                 */
@@ -133,6 +133,10 @@ typedef struct fdma_params {
     float p_drop;         /* dropout probability in [0, 1); keep bits from Philox4x32-10 (SPEC section 5) */
     uint64_t seed;        /* dropout key */
     uint64_t offset;      /* dropout counter offset (advance by one per call) */
+    const uint64_t *rng_state; /* NULL = use seed/offset; else two uint64 {seed, offset} (8-byte aligned) read
+                                  by the kernels at run time, in memory on the params' device (CUDA: device
+                                  memory; CPU: host memory). A captured CUDA graph then draws new keep bits on
+                                  every replay when a captured op (e.g. a graph-safe RNG) refills them first. */
     int32_t deterministic;/* backward: bitwise reproducible dq/dk/dv/dbias (no float atomics) */
 
     /* forward outputs (written by fdma_fwd; out, lse also read by fdma_bwd) */

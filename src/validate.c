@@ -5,7 +5,8 @@
  * D <= 256, index products fit int64); options (scale, softcap, p_drop, window, causal, deterministic);
  * required pointers; each tensor's strides (non-negative, last dim contiguous, outputs not aliased by a zero
  * stride, byte extent fits int64); mask / bias / dbias broadcast dims ({B|1}, {H|Hkv|1}, {Sq|1}, Sk); the
- * dropout row count B*H*Sq < 2^32. CUDA-specific limits (D multiple of 8, compute capability) are the CUDA
+ * dropout row count B*H*Sq < 2^32; rng_state 8-byte aligned (its memory kind is the CUDA backend's
+ * fdma_cuda_check_pointers). CUDA-specific limits (D multiple of 8, compute capability) are the CUDA
  * plan function's job and come back as FDMA_STATUS_UNSUPPORTED.
  *
  * Messages name the argument, what was expected and what was given, e.g.
@@ -245,6 +246,9 @@ fdma_status fdma_validate_attn(const fdma_params *p, fdma_op op, fdma_params *re
     if (p->p_drop > 0.0f && p->B * p->H * p->Sq >= ((int64_t)1 << 32))
         return fdma_set_error(INVALID, "p_drop: dropout needs B*H*Sq < 2^32, got B*H*Sq = %lld",
                               (long long)(p->B * p->H * p->Sq));
+    if (p->rng_state && ((uintptr_t)p->rng_state & 7u))
+        return fdma_set_error(INVALID, "rng_state: expected an 8-byte aligned pointer to {seed, offset}, got %p",
+                              (const void *)p->rng_state);
 
     *resolved = *p;
     if (isnan(p->scale)) resolved->scale = (float)(1.0 / sqrt((double)p->D));

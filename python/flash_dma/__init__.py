@@ -11,7 +11,8 @@ library, no autograd (use flash_dmattn.flash_dmattn_func for autograd).
 
 Shapes: q, out, dout, dq (B, Sq, H, D); k, v, dk, dv (B, Sk, Hkv, D); softmax_lse (B, H, Sq) fp32 (natural
 log; -inf for a row with nothing visible); p (B, H, Sq, Sk) in q's dtype (the softmax before dropout) when
-return_softmax, else None; rng_state int64[2] = (seed, offset) on the CPU.
+return_softmax, else None; rng_state int64[2] = (seed, offset) on the CPU (under CUDA-graph capture: on the GPU,
+redrawn by every replay; see flash_dmattn._ops).
 zoh (the bias, "ZOH states") and active_mask: any form of flash_dmattn._inputs.prepare_mask_bias, e.g. the
 document's (B, Hkv, Sq, Sk), or (B, H, Sq, Sk), broadcast views, (B, Hx, Sk), (B, Sk); either may be None.
 active_mask is bool or q's dtype (nonzero = active).
@@ -69,7 +70,7 @@ def fwd(q, k, v, zoh, active_mask, out=None, p_dropout=0.0, softmax_scale=None, 
         q, k, v, zoh, active_mask, softmax_scale, softcap, p_dropout, keep_window_size)
     if out is not None:
         _check_out("out", out, q.shape, q)
-    seed, offset = _ops.draw_rng_state(q.device, gen) if p_drop > 0 else (0, 0)
+    seed, offset, rng_dev = _ops.draw_rng(q.device, gen) if p_drop > 0 else (0, 0, None)
     D8 = padded_head_dim(q)
     with torch.no_grad():
         qp, kp, vp = (pad_head_dim(t.detach(), D8) for t in (q, k, v))
@@ -77,13 +78,13 @@ def fwd(q, k, v, zoh, active_mask, out=None, p_dropout=0.0, softmax_scale=None, 
         bias_d = None if bias is None else bias.detach()
         target = out if (out is not None and D8 == D) else None
         o, lse, probs = _lib.run_fwd(qp, kp, vp, mask_d, bias_d, scale, bool(is_causal), softcap, window, p_drop,
-                                     seed, offset, bool(return_softmax), out=target)
+                                     seed, offset, bool(return_softmax), out=target, rng_state=rng_dev)
         if D8 != D:
             o = o[..., :D]
             if out is not None:
                 out.copy_(o)
                 o = out
-    return [o, lse, probs, _ops.rng_state_tensor(seed, offset)]
+    return [o, lse, probs, _ops.rng_state_of(seed, offset, rng_dev)]
 
 
 def _dbias_to_zoh(dbias4, zoh):
@@ -110,9 +111,9 @@ def bwd(dout, q, k, v, zoh, active_mask, out, softmax_lse, dq=None, dk=None, dv=
     if p_drop > 0:
         if rng_state is None:
             raise ValueError("rng_state: required when p_dropout > 0 (pass the rng_state returned by fwd)")
-        seed, offset = _ops.rng_state_values(rng_state)
+        seed, offset, rng_dev = _ops.rng_args(rng_state, q.device)
     else:
-        seed, offset = 0, 0
+        seed, offset, rng_dev = 0, 0, None
     for name, t, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
         if t is not None:
             _check_out(name, t, like.shape, like)
@@ -131,7 +132,7 @@ def bwd(dout, q, k, v, zoh, active_mask, out, softmax_lse, dq=None, dk=None, dv=
         gq, gk, gv, gb = _lib.run_bwd(dop, qp, kp, vp, mask, bias_d, op, lse, scale, bool(is_causal), softcap, window,
                                       p_drop, seed, offset, bool(deterministic), zoh is not None,
                                       dq=dq if direct else None, dk=dk if direct else None,
-                                      dv=dv if direct else None, dbias=dbias_direct)
+                                      dv=dv if direct else None, dbias=dbias_direct, rng_state=rng_dev)
         if not direct:
             gq, gk, gv = gq[..., :D], gk[..., :D], gv[..., :D]
             for given, g in ((dq, gq), (dk, gk), (dv, gv)):

@@ -29,7 +29,7 @@ from . import _lib
 from .flash_dmattn_interface import flash_dmattn_func as _flash_dmattn_func
 from .utils.mask import create_mask
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 CPU_AVAILABLE = _lib.try_load() is not None
 CUDA_AVAILABLE = bool(CPU_AVAILABLE and torch.cuda.is_available() and _lib.device_available("cuda"))

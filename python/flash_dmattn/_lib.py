@@ -15,6 +15,8 @@ Calls (shapes as in the header: q, out (B, Sq, H, D); k, v (B, Sk, Hkv, D); mask
   run_fwd(...)  -> (out, lse, probs)         torch allocates out, lse, probs and the workspace
   run_bwd(...)  -> (dq, dk, dv, dbias)
   create_mask(...)                            SPEC section 6 keep mask
+Dropout's (seed, offset) go by value (fdma_params.seed / .offset), or, with rng_state= an int64[2] tensor on
+q's device, as its pointer (fdma_params.rng_state), read by the kernels when they run (CUDA graphs: _ops).
 A top-k window that the library's CUDA build reports UNSUPPORTED is run as an explicit keep mask from
 utils.mask.create_mask (same SPEC section 6 selection; see resolve_window).
 On CUDA tensors the current torch stream of the tensors' device is passed on every call; nothing here
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-FDMA_VERSION = 100  # 0.1.0, FDMA_VERSION_MAJOR * 10000 + MINOR * 100 + PATCH
+FDMA_VERSION = 200  # 0.2.0, FDMA_VERSION_MAJOR * 10000 + MINOR * 100 + PATCH
 
 STATUS_OK = 0
 STATUS_INVALID_ARGUMENT = 1
@@ -64,7 +66,8 @@ class Params(ctypes.Structure):
         ("mask", View4), ("bias", View4),
         ("scale", ctypes.c_float), ("softcap", ctypes.c_float), ("causal", ctypes.c_int32),
         ("window", ctypes.c_int64), ("p_drop", ctypes.c_float),
-        ("seed", ctypes.c_uint64), ("offset", ctypes.c_uint64), ("deterministic", ctypes.c_int32),
+        ("seed", ctypes.c_uint64), ("offset", ctypes.c_uint64), ("rng_state", ctypes.c_void_p),
+        ("deterministic", ctypes.c_int32),
         ("out", ctypes.c_void_p), ("out_stride", _i64x4),
         ("lse", ctypes.c_void_p), ("probs", ctypes.c_void_p),
         ("dout", ctypes.c_void_p), ("dout_stride", _i64x4),
@@ -256,7 +259,8 @@ def dtype_code(t, name):
     return code
 
 
-def _params(q, k, v, mask, bias, scale, causal, softcap, window, p_drop, seed, offset, deterministic):
+def _params(q, k, v, mask, bias, scale, causal, softcap, window, p_drop, seed, offset, deterministic,
+            rng_state=None):
     lib = load()
     p = Params()
     lib.fdma_params_init(ctypes.byref(p))
@@ -277,8 +281,21 @@ def _params(q, k, v, mask, bias, scale, causal, softcap, window, p_drop, seed, o
     p.p_drop = float(p_drop)
     p.seed = int(seed) & 0xFFFFFFFFFFFFFFFF
     p.offset = int(offset) & 0xFFFFFFFFFFFFFFFF
+    p.rng_state = None if rng_state is None else _rng_state_ptr(rng_state, q)
     p.deterministic = int(bool(deterministic))
     return p
+
+
+def _rng_state_ptr(rng_state, q):
+    """fdma_params.rng_state from an int64[2] tensor (seed, offset) on q's device (CPU: host memory), which
+    the kernels read when they run (a CUDA graph's replay refills it before they do)."""
+    if (not isinstance(rng_state, torch.Tensor) or rng_state.dtype != torch.int64 or rng_state.numel() != 2
+            or not rng_state.is_contiguous() or rng_state.device != q.device):
+        got = (f"{rng_state.dtype} {tuple(rng_state.shape)} on {rng_state.device}"
+               if isinstance(rng_state, torch.Tensor) else type(rng_state).__name__)
+        raise ValueError(f"rng_state: expected a contiguous int64 tensor of 2 elements (seed, offset) on "
+                         f"{q.device}, got {got}")
+    return rng_state.data_ptr()
 
 
 def _workspace(p, size_fn, what, device):
@@ -324,16 +341,17 @@ def resolve_window(q, k, v, mask, bias, causal, softcap, window, p_drop, backwar
 
 
 def run_fwd(q, k, v, mask, bias, scale, causal, softcap, window, p_drop, seed, offset, return_probs,
-            out=None):
+            out=None, rng_state=None):
     """One forward call. q (B, Sq, H, D), k/v (B, Sk, Hkv, D), mask (bool) / bias 4-D views or None.
     Writes `out` when given (shape of q, last dim contiguous), else allocates it. Returns (out, lse, probs);
-    probs is (B, H, Sq, Sk) in q's dtype when return_probs, else None."""
+    probs is (B, H, Sq, Sk) in q's dtype when return_probs, else None. Dropout keep bits come from
+    (seed, offset), or, when rng_state (int64[2] on q's device) is given, from the pair the kernels read there."""
     lib = load()
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     mask, window = resolve_window(q, k, v, mask, bias, causal, softcap, window, p_drop, False)
     with _device_guard(q):
-        p = _params(q, k, v, mask, bias, scale, causal, softcap, window, p_drop, seed, offset, False)
+        p = _params(q, k, v, mask, bias, scale, causal, softcap, window, p_drop, seed, offset, False, rng_state)
         if out is None:
             out = torch.empty_like(q, memory_format=torch.contiguous_format)
         lse = torch.empty(B, H, Sq, dtype=torch.float32, device=q.device)
@@ -349,13 +367,15 @@ def run_fwd(q, k, v, mask, bias, scale, causal, softcap, window, p_drop, seed, o
 
 
 def run_bwd(dout, q, k, v, mask, bias, out, lse, scale, causal, softcap, window, p_drop, seed, offset,
-            deterministic, need_dbias, dq=None, dk=None, dv=None, dbias=None):
+            deterministic, need_dbias, dq=None, dk=None, dv=None, dbias=None, rng_state=None):
     """One backward call: returns (dq, dk, dv, dbias); dbias has the bias view's dims (own contiguous
-    strides) when need_dbias and a bias is given, else None. Given dq/dk/dv/dbias are written in place."""
+    strides) when need_dbias and a bias is given, else None. Given dq/dk/dv/dbias are written in place.
+    (seed, offset) / rng_state as in run_fwd."""
     lib = load()
     mask, window = resolve_window(q, k, v, mask, bias, causal, softcap, window, p_drop, True)
     with _device_guard(q):
-        p = _params(q, k, v, mask, bias, scale, causal, softcap, window, p_drop, seed, offset, deterministic)
+        p = _params(q, k, v, mask, bias, scale, causal, softcap, window, p_drop, seed, offset, deterministic,
+                    rng_state)
         p.out = out.data_ptr()
         _stride4(p.out_stride, out)
         p.lse = lse.data_ptr()

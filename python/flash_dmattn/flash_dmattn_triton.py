@@ -11,7 +11,9 @@ in its interpreter (TRITON_INTERPRET=1 set before import; that is how the CPU te
 Layers, top to bottom:
   triton_dmattn_func     validates, normalises mask/bias (flash_dmattn._inputs.prepare_mask_bias), selects
                          the top-k keep mask with flash_dmattn.utils.mask.create_mask (SPEC section 6) and
-                         passes it as the mask, draws the dropout (seed, offset) (flash_dmattn._ops).
+                         passes it as the mask, draws the dropout (seed, offset) (flash_dmattn._ops.draw_rng:
+                         host values, or under CUDA-graph capture an int64[2] CUDA tensor that every replay
+                         redraws; the kernels read the pair from device memory either way).
   _TritonDMAttnFunction  torch.autograd.Function: saves q, k, v, out in fp32 (so that the backward's
                          delta = dout . out carries no fp16/bf16 rounding error; memory: 4 bytes per output
                          element), lse and the views; backward returns dq, dk, dv (dk, dv summed over each
@@ -94,10 +96,15 @@ def _signed64(x):
     return x - (1 << 64) if x >= (1 << 63) else x
 
 
-def _drop_tensor(dropout_p, seed, offset, device):
+def _drop_tensor(dropout_p, seed, offset, device, rng_state=None):
     """int64[3] (seed, offset, threshold = floor(float32(p) * 2^32)) on the device (SPEC section 5); seed and
-    offset are uint64 values stored as their int64 bit patterns."""
+    offset are uint64 values stored as their int64 bit patterns. With rng_state (an int64[2] (seed, offset)
+    tensor on the device) the pair is copied from there by device ops, which a CUDA graph captures: every
+    replay then uses the pair that its own captured RNG op wrote into rng_state."""
     t = int(math.floor(float(torch.tensor(dropout_p, dtype=torch.float32).item()) * 2.0**32))
+    if rng_state is not None:
+        thr = torch.full((1,), t, dtype=torch.int64, device=device)
+        return torch.cat((rng_state.to(device=device, dtype=torch.int64).reshape(2), thr))
     return torch.tensor([_signed64(seed), _signed64(offset), t], dtype=torch.int64, device=device)
 
 
@@ -107,11 +114,12 @@ def _device_of(t):
 
 
 def attention_forward(q, k, v, mask=None, bias=None, scale=None, causal=False, softcap=0.0,
-                      dropout_p=0.0, seed=0, offset=0, out=None, lse=None, out_f32=None):
+                      dropout_p=0.0, seed=0, offset=0, out=None, lse=None, out_f32=None, rng_state=None):
     """Forward on normalised inputs: q (B, Sq, H, D), k/v (B, Sk, Hkv, D), mask a bool 4-D view or None,
     bias a 4-D view of q's dtype or None. Writes out (B, Sq, H, D) and lse (B, H, Sq) fp32 (allocated when
     None) and returns (out, lse). With out_f32 (a contiguous fp32 (B, Sq, H, D) tensor) it also writes out
-    before rounding there: attention_backward's `out` should be that tensor (exact delta = dout . out)."""
+    before rounding there: attention_backward's `out` should be that tensor (exact delta = dout . out).
+    Dropout's pair is (seed, offset), or the int64[2] tensor rng_state on q's device when given."""
     B, Sq, H, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -121,7 +129,7 @@ def attention_forward(q, k, v, mask=None, bias=None, scale=None, causal=False, s
         lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
     m = _view_args(None if mask is None else mask.view(torch.uint8), q, B, H, Hkv, Sq, Sk, "attn_mask")
     bi = _view_args(bias, q, B, H, Hkv, Sq, Sk, "attn_bias")
-    drop = _drop_tensor(dropout_p, seed, offset, q.device) if dropout_p > 0 else lse
+    drop = _drop_tensor(dropout_p, seed, offset, q.device, rng_state) if dropout_p > 0 else lse
     BM, BN, BD, warps, stages = _config(D, q.dtype)
     if out_f32 is not None and (out_f32.shape != q.shape or out_f32.dtype != torch.float32
                                 or not out_f32.is_contiguous()):
@@ -140,10 +148,12 @@ def attention_forward(q, k, v, mask=None, bias=None, scale=None, causal=False, s
 
 
 def attention_backward(dout, q, k, v, out, lse, mask=None, bias=None, scale=None, causal=False, softcap=0.0,
-                       dropout_p=0.0, seed=0, offset=0, need_dbias=True, dq=None, dk=None, dv=None, dbias=None):
+                       dropout_p=0.0, seed=0, offset=0, need_dbias=True, dq=None, dk=None, dv=None, dbias=None,
+                       rng_state=None):
     """Backward (SPEC section 4) on the forward's normalised inputs and its out (preferably the fp32 out_f32 of
     attention_forward; the rounded out works with a little more error), lse. Returns (dq, dk, dv, dbias);
-    dbias has bias's shape and dtype (None without a bias or with need_dbias=False)."""
+    dbias has bias's shape and dtype (None without a bias or with need_dbias=False). Dropout's pair as in
+    attention_forward."""
     B, Sq, H, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -154,7 +164,7 @@ def attention_backward(dout, q, k, v, out, lse, mask=None, bias=None, scale=None
     m = _view_args(None if mask is None else mask.view(torch.uint8), q, B, H, Hkv, Sq, Sk, "attn_mask")
     bi = _view_args(bias, q, B, H, Hkv, Sq, Sk, "attn_bias")
     delta = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
-    drop = _drop_tensor(dropout_p, seed, offset, q.device) if dropout_p > 0 else delta
+    drop = _drop_tensor(dropout_p, seed, offset, q.device, rng_state) if dropout_p > 0 else delta
     softcap = float(softcap or 0.0)
     flags = dict(HAS_MASK=mask is not None, IS_CAUSAL=bool(causal), HAS_SOFTCAP=softcap > 0,
                  HAS_DROPOUT=dropout_p > 0, DOT=_dot_mode(q.dtype))
@@ -210,10 +220,10 @@ def attention_probs(q, k, lse, mask=None, bias=None, scale=None, causal=False, s
     return probs
 
 
-def dropout_keep_bits(B, H, Sq, Sk, dropout_p, seed, offset, device="cuda"):
+def dropout_keep_bits(B, H, Sq, Sk, dropout_p, seed, offset, device="cuda", rng_state=None):
     """The keep bits z[b, h, i, j] the kernels use, as a (B, H, Sq, Sk) bool tensor (for tests)."""
     z = torch.empty((B, H, Sq, Sk), dtype=torch.uint8, device=device)
-    drop = _drop_tensor(dropout_p, seed, offset, device)
+    drop = _drop_tensor(dropout_p, seed, offset, device, rng_state)
     BM, BN = 16, 16
     with _device_of(z):
         _k._keep_kernel[(triton.cdiv(B * H * Sq, BM) * triton.cdiv(Sk, BN),)](
@@ -226,23 +236,24 @@ def dropout_keep_bits(B, H, Sq, Sk, dropout_p, seed, offset, device="cuda"):
 
 class _TritonDMAttnFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask, bias, scale, causal, softcap, dropout_p, seed, offset):
+    def forward(ctx, q, k, v, mask, bias, scale, causal, softcap, dropout_p, seed, offset, rng_state):
         grads = any(ctx.needs_input_grad[:5])
         out32 = torch.empty(q.shape, dtype=torch.float32, device=q.device) if grads else None
         out, lse = attention_forward(q, k, v, mask, bias, scale, causal, softcap, dropout_p, seed, offset,
-                                     out_f32=out32)
-        ctx.save_for_backward(q, k, v, out32, lse, mask, bias)
+                                     out_f32=out32, rng_state=rng_state)
+        ctx.save_for_backward(q, k, v, out32, lse, mask, bias, rng_state)
         ctx.args = (scale, causal, softcap, dropout_p, seed, offset)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, mask, bias = ctx.saved_tensors
+        q, k, v, out, lse, mask, bias, rng_state = ctx.saved_tensors
         scale, causal, softcap, dropout_p, seed, offset = ctx.args
         dq, dk, dv, dbias = attention_backward(dout, q, k, v, out, lse, mask, bias, scale, causal, softcap,
-                                               dropout_p, seed, offset, need_dbias=ctx.needs_input_grad[4])
-        return dq, dk, dv, None, dbias, None, None, None, None, None, None
+                                               dropout_p, seed, offset, need_dbias=ctx.needs_input_grad[4],
+                                               rng_state=rng_state)
+        return dq, dk, dv, None, dbias, None, None, None, None, None, None, None
 
 
 def _check_qkv(query, key, value):
@@ -258,10 +269,11 @@ def _check_qkv(query, key, value):
         raise ValueError(f"query: the Triton backend needs CUDA tensors, got device {query.device}")
 
 
-def _draw_rng_state(device):
-    """(seed, offset) for one dropout call from torch's default generator of `device` (SPEC section 5)."""
-    from ._ops import draw_rng_state
-    return draw_rng_state(device)
+def _draw_rng(device):
+    """(seed, offset, rng_state or None) for one dropout call from torch's default generator of `device`
+    (SPEC section 5; under CUDA-graph capture rng_state is a CUDA tensor redrawn by every replay)."""
+    from . import _ops
+    return _ops.draw_rng(device)
 
 
 def triton_dmattn_func(query, key, value, attn_mask=None, attn_bias=None, scale=None, is_causal=None,
@@ -306,9 +318,10 @@ def triton_dmattn_func(query, key, value, attn_mask=None, attn_bias=None, scale=
                 raise ValueError(f"keep_window_size={keep_window_size} < seqlen_k={Sk} selects keys by attn_bias, "
                                  f"but attn_bias is None")
             attn_mask = create_mask(attn_bias.detach(), attn_mask, bool(is_causal), keep_window_size, query_len=Sq)
-    seed, offset = _draw_rng_state(query.device) if dropout_p > 0 else (0, 0)
+    seed, offset, rng_state = _draw_rng(query.device) if dropout_p > 0 else (0, 0, None)
     out, lse = _TritonDMAttnFunction.apply(query, key, value, attn_mask, attn_bias, float(scale),
-                                           bool(is_causal), float(softcap), float(dropout_p), seed, offset)
+                                           bool(is_causal), float(softcap), float(dropout_p), seed, offset,
+                                           rng_state)
     if return_attn_probs:
         with torch.no_grad():
             probs = attention_probs(query, key, lse, attn_mask, attn_bias, scale, bool(is_causal), softcap)

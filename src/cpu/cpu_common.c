@@ -103,12 +103,15 @@ void cpu_row_dropout(const cpu_row *r, const fdma_params *p, int64_t j0, int64_t
     const uint32_t t = fdma_dropout_threshold(p->p_drop);
     const float keep_scale = 1.0f / (1.0f - p->p_drop);
     const uint64_t row = (uint64_t)((r->b * p->H + r->h) * p->Sq + r->i);
+    /* rng_state (host memory on this backend) overrides the by-value pair */
+    const uint64_t seed = p->rng_state ? p->rng_state[0] : p->seed;
+    const uint64_t offset = p->rng_state ? p->rng_state[1] : p->offset;
     uint32_t w[4];
     int64_t group = -1;
     for (int64_t j = j0; j < j1; j++) {
         if ((j >> 2) != group) {
             group = j >> 2;
-            fdma_dropout_words(p->seed, p->offset, row, (uint64_t)j, w);
+            fdma_dropout_words(seed, offset, row, (uint64_t)j, w);
         }
         zs[j - j0] = w[j & 3] >= t ? keep_scale : 0.0f;
     }

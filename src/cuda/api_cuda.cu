@@ -5,14 +5,17 @@
  *   fdma_cuda_available       built with CUDA and the current device has compute capability >= 8.0
  *   fdma_cuda_check_pointers  every non-NULL pointer in the params is device memory on the current device
  *   fdma_cuda_fwd_plan        THE forward selector: which kernel ("cuda_fwd_bf16_d128"), its workspace, or
- *                             FDMA_STATUS_UNSUPPORTED with the reason (fp32, D % 8 != 0, cc < 8.0, window)
+ *                             FDMA_STATUS_UNSUPPORTED with the reason (fp32, D % 8 != 0, cc < 8.0, sizes)
  *   fdma_cuda_fwd_run         params -> FdmaFwdParams (strides, broadcast, alignment flags) -> launch on the
  *                             caller's stream; then the probabilities kernel if p->probs is set
  *
- * Two kernel paths, both in fwd_kernel.cuh: dense key tiles ("cuda_fwd_bf16_d128"), and gathered keys
- * ("..._gather") when the mask broadcasts over query rows and the bias is absent or row-broadcast too (the
- * Doge / W1 form): a small kernel first lists each (b, mask head)'s kept keys in the workspace, then the
- * attention kernel walks only those. Workspace = those lists (+ lse when probs are asked without lse).
+ * Kernel paths, all in fwd_kernel.cuh: dense key tiles ("cuda_fwd_bf16_d128"); gathered keys ("..._gather")
+ * when the mask broadcasts over query rows and the bias is absent or row-broadcast too (the Doge / W1 form): a
+ * small kernel first lists each (b, mask head)'s kept keys in the workspace, then the attention kernel walks only
+ * those; and the top-k window (window.cuh): "..._sparse" (causal per-key bias: per query tile the list of keys
+ * any of its rows keeps, visibility j <= lim_i < e[j] in the kernel) or "..._window" (the keep mask selected into
+ * the workspace, then one of the first two paths). Workspace = the selection, the gathered lists (+ lse when
+ * probs are asked without lse).
  *   fdma_cuda_create_mask     checks that bias, mask and out are device memory, then runs the exact radix-select
  *                             top-k of topk.cu (fdma_cuda_topk_create_mask)
  *
@@ -24,6 +27,7 @@
 #include <stdio.h>
 
 #include "common.cuh"
+#include "window.cuh"
 
 static int current_cc(int *dev_out) {
     int dev = 0, major = 0, minor = 0;
@@ -74,10 +78,10 @@ extern "C" fdma_status fdma_cuda_check_pointers(const fdma_params *p) {
         cudaError_t e = cudaGetLastError();
         return fdma_set_error(FDMA_STATUS_CUDA_ERROR, "device: no usable CUDA device (%s)", cudaGetErrorString(e));
     }
-    const void *ptrs[] = {p->q,    p->k,  p->v,  p->mask.ptr, p->bias.ptr, p->out, p->lse, p->probs,
-                          p->dout, p->dq, p->dk, p->dv,       p->dbias,    p->mask_summary, p->workspace};
-    const char *names[] = {"q",    "k",  "v",  "mask", "bias",  "out",          "lse",      "probs",
-                           "dout", "dq", "dk", "dv",   "dbias", "mask_summary", "workspace"};
+    const void *ptrs[] = {p->q,    p->k,  p->v,  p->mask.ptr, p->bias.ptr, p->out,          p->lse,       p->probs,
+                          p->dout, p->dq, p->dk, p->dv,       p->dbias,    p->mask_summary, p->workspace, p->rng_state};
+    const char *names[] = {"q",    "k",  "v",  "mask", "bias",  "out",          "lse",       "probs",
+                           "dout", "dq", "dk", "dv",   "dbias", "mask_summary", "workspace", "rng_state"};
     for (size_t t = 0; t < sizeof(ptrs) / sizeof(ptrs[0]); t++) {
         fdma_status st = check_ptr(ptrs[t], names[t], dev);
         if (st != FDMA_STATUS_OK) return st;
@@ -105,10 +109,6 @@ extern "C" fdma_status fdma_cuda_fwd_plan(const fdma_params *p, fdma_plan *plan)
     if (p->D % 8 != 0 || p->D > 256 || p->D < 8)
         return fdma_set_error(FDMA_STATUS_UNSUPPORTED, "D: the CUDA forward needs a multiple of 8 in [8, 256], got "
                               "%lld (the Python layer pads D)", (long long)p->D);
-    if (p->window > 0)
-        return fdma_set_error(FDMA_STATUS_UNSUPPORTED, "window: the fused top-k window (window = %lld) is not in the "
-                              "CUDA forward yet; build the keep mask with create_mask and pass it as mask",
-                              (long long)p->window);
     int cc = current_cc(NULL);
     if (cc < 80)
         return fdma_set_error(FDMA_STATUS_UNSUPPORTED, "device: the CUDA forward needs compute capability >= 8.0, "
@@ -123,13 +123,22 @@ extern "C" fdma_status fdma_cuda_fwd_plan(const fdma_params *p, fdma_plan *plan)
         return fdma_set_error(FDMA_STATUS_UNSUPPORTED, "B, H, Sq: grid too large for the CUDA forward (B = %lld <= "
                               "65535, H * ceil(Sq/%d) = %lld < 2^31)", (long long)p->B, fdma_fwd_rows(dt),
                               (long long)(p->H * m_tiles));
-    const int gather = fwd_use_gather(p);
-    snprintf(plan->name, sizeof(plan->name), "cuda_fwd_%s_d%d%s", p->dtype == FDMA_DTYPE_F16 ? "f16" : "bf16", dt,
+    /* top-k window: the selection first (window.cuh), then the attention with what it produced */
+    fdma_cuda_window w;
+    fdma_status st = fdma_cuda_window_plan(p, fdma_fwd_rows(dt), p->probs != NULL, &w);
+    if (st != FDMA_STATUS_OK) return st;
+    fdma_params pa;
+    fdma_cuda_window_params(&w, p, (void *)(uintptr_t)256, &pa);
+    const int gather = fwd_use_gather(&pa);
+    snprintf(plan->name, sizeof(plan->name), "cuda_fwd_%s_d%d%s%s", p->dtype == FDMA_DTYPE_F16 ? "f16" : "bf16", dt,
+             w.mode == FDMA_WIN_SPARSE ? "_sparse" : w.mode == FDMA_WIN_MASK ? "_window" : "",
              gather ? "_gather" : "");
     plan->variant = dt;
     plan->flags = gather;
-    /* workspace: the gathered-key lists; then lse when the probabilities need it and the caller gave none */
-    plan->workspace_bytes = fwd_gather_bytes(p) + ((p->probs && !p->lse) ? (size_t)(p->B * p->H * p->Sq) * sizeof(float) : 0);
+    /* workspace: the selection; the gathered-key lists; then lse when the probabilities need it and the caller
+       gave none */
+    plan->workspace_bytes = w.bytes + fwd_gather_bytes(&pa) +
+                            ((p->probs && !p->lse) ? (size_t)(p->B * p->H * p->Sq) * sizeof(float) : 0);
     return FDMA_STATUS_OK;
 }
 
@@ -149,7 +158,10 @@ static void head_map(const fdma_params *p, int64_t dim1, int64_t stride1, int *h
     }
 }
 
-extern "C" fdma_status fdma_cuda_fwd_run(const fdma_params *p, const fdma_plan *plan) {
+/* The attention after the selection: p has window 0 (and the keep mask as its mask in MASK mode); ws = the
+ * workspace after the selection's part; view = the SPARSE selection or zeros. */
+static fdma_status fwd_run_attention(const fdma_params *p, const fdma_plan *plan, char *ws,
+                                     const fdma_cuda_sparse_view *view) {
     FdmaFwdParams kp;
     memset(&kp, 0, sizeof(kp));
     kp.q = p->q;
@@ -157,7 +169,7 @@ extern "C" fdma_status fdma_cuda_fwd_run(const fdma_params *p, const fdma_plan *
     kp.v = p->v;
     kp.out = p->out;
     const size_t gbytes = plan->flags ? fwd_gather_bytes(p) : 0;
-    float *lse = p->lse ? p->lse : (p->probs ? reinterpret_cast<float *>(static_cast<char *>(p->workspace) + gbytes) : NULL);
+    float *lse = p->lse ? p->lse : (p->probs ? reinterpret_cast<float *>(ws + gbytes) : NULL);
     kp.lse = lse;
     kp.q_sb = p->q_stride[0]; kp.q_ss = p->q_stride[1]; kp.q_sh = p->q_stride[2];
     kp.k_sb = p->k_stride[0]; kp.k_ss = p->k_stride[1]; kp.k_sh = p->k_stride[2];
@@ -212,11 +224,22 @@ extern "C" fdma_status fdma_cuda_fwd_run(const fdma_params *p, const fdma_plan *
     kp.drop_scale = p->p_drop > 0.f ? 1.f / (1.f - p->p_drop) : 1.f;
     kp.seed = p->seed;
     kp.offset = p->offset;
+    kp.rng_state = p->rng_state;
 
     cudaStream_t stream = static_cast<cudaStream_t>(p->stream);
     fdma_status st;
+    if (view->lists) {
+        kp.ex_lists = view->lists;
+        kp.ex_counts = view->counts;
+        kp.ex_eoff = view->elists - view->lists;
+        kp.ex_cap = view->cap;
+        kp.ex_ntiles = view->ntiles;
+        kp.ex_rb = view->rb;
+        kp.ex_hdiv = view->hdiv;
+        kp.ex_hmul = view->hmul;
+    }
     if (plan->flags) {
-        int32_t *lists = static_cast<int32_t *>(p->workspace);
+        int32_t *lists = reinterpret_cast<int32_t *>(ws);
         const int64_t ls = p->Sk + 16;
         kp.gather = lists;
         kp.g_sb = p->mask.dim[0] > 1 ? p->mask.dim[1] * ls : 0;
@@ -233,6 +256,18 @@ extern "C" fdma_status fdma_cuda_fwd_run(const fdma_params *p, const fdma_plan *
     }
     if (st != FDMA_STATUS_OK || !p->probs) return st;
     return fdma_cuda_fwd_probs_launch(kp, p->dtype, p->probs, lse, stream);
+}
+
+extern "C" fdma_status fdma_cuda_fwd_run(const fdma_params *p, const fdma_plan *plan) {
+    fdma_cuda_window w;
+    fdma_status st = fdma_cuda_window_plan(p, fdma_fwd_rows(plan->variant), p->probs != NULL, &w);
+    if (st != FDMA_STATUS_OK) return st;
+    char *ws = static_cast<char *>(p->workspace);
+    fdma_cuda_sparse_view view;
+    if ((st = fdma_cuda_window_run(&w, p, ws, &view)) != FDMA_STATUS_OK) return st;
+    fdma_params pa;
+    fdma_cuda_window_params(&w, p, ws, &pa);
+    return fwd_run_attention(&pa, plan, ws + w.bytes, &view);
 }
 
 extern "C" fdma_status fdma_cuda_topk_create_mask(const fdma_topk_params *p);

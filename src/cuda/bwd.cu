@@ -5,17 +5,21 @@
  * One call runs, on p->stream, with no allocation and no synchronization:
  *   1. di_kernel:       Di[b,h,i] = dout[b,i,h,:] . out[b,i,h,:]                    (fp32, workspace)
  *   2. memset           dq accumulator (default mode) and dbias accumulator (broadcast bias) to 0
+ *   0. top-k window     the selection (window.cuh): the keep mask, or the SPARSE expiry and key lists
  *   3. dkdv kernel      dk, dv (or per-query-head fp32 partials), dbias, dq atomics (bwd_common.cuh)
  *      dq kernel        deterministic mode only: dq rows owned by one CTA each
+ *      sparse kernel    instead of both, for a SPARSE window in the default mode (D <= 128): query tiles over their gathered
+ *                       keys, dq in registers, dk/dv/dbias by fp32 atomics (O(Sq * w) work)
  *   4. dq_convert       dq = scale * accumulator                                     (default mode)
  *      kv_reduce        dk, dv = sum of the g per-query-head partials                 (GQA, CTA per query head)
  *      dbias_finalize   dbias = sum of the fp32 accumulator over the partial dims     (broadcast bias)
  *
  * Devices: compute capability 9.0 (the plan refuses others with UNSUPPORTED; bwd_common.cuh says why).
  *
- * Workspace (fp32, each region 256-byte aligned): Di (B*H*Sq), dq accumulator (B*Sq*H*D, default mode),
- * dk/dv partials (2*B*H*Sk*D, GQA split by query head), dbias accumulator (bias elements, or B*H*Sk for a
- * row-broadcast bias). Never a (B, H, Sq, Sk) buffer.
+ * Workspace (each region 256-byte aligned): the window's selection; then fp32 Di (B*H*Sq), dq accumulator
+ * (B*Sq*H*D, default mode), dk/dv partials (2*B*H*Sk*D, GQA split by query head; sparse kernel: 2*B*Hkv*Sk*D),
+ * dbias accumulator (bias elements, or B*H*Sk for a row-broadcast bias). Never a (B, H, Sq, Sk) buffer unless
+ * the caller's bias or mask has Sq rows and a window is asked (MASK mode: Sq*Sk bytes per selection row).
  */
 #include <cuda_runtime.h>
 #include <math.h>
@@ -24,6 +28,7 @@
 
 #include "backend.h"
 #include "bwd_common.cuh"
+#include "window.cuh"
 
 namespace fdma_bwdk {
 
@@ -33,7 +38,10 @@ struct Config {
     int per_head;     /* one CTA per query head, GQA reduction of fp32 partials afterwards */
     int b_per_cta, hkv_per_cta;
     int64_t AB, AH, A2;  /* dbias accumulator dims (with Sk) */
-    size_t off_di, off_dq, off_dk, off_dv, off_db, total;
+    int sparse;       /* the sparse kernel (SPARSE window or row-broadcast mask, default mode, D <= 128): dk/dv fp32
+                         (B, Hkv, Sk, D) accumulators */
+    int gather_rows;  /* sparse kernel over a row-broadcast mask: its kept-key lists (fdma_cuda_gather_launch) */
+    size_t off_gl, off_di, off_dq, off_dk, off_dv, off_db, total;
 };
 
 static size_t align256(size_t x) { return (x + 255) & ~(size_t)255; }
@@ -43,8 +51,20 @@ static int dims_equal_full(const fdma_params *p) {
     return (d[0] == p->B || p->B == 1) && (d[1] == p->H || p->H == 1) && (d[2] == p->Sq || p->Sq == 1);
 }
 
-static void make_config(const fdma_params *p, Config *c) {
+/* A mask that broadcasts over query rows (the W1 form) with a bias absent or row-broadcast too: the backward
+ * walks each row's kept keys only (sparse kernel), as the forward does. */
+static int use_gather_rows(const fdma_params *p) {
+    return p->mask.ptr && p->mask.dim[2] == 1 && (!p->bias.ptr || p->bias.dim[2] == 1) && !p->deterministic &&
+           p->D <= 128;
+}
+
+/* sparse_window: the call has a SPARSE window selection (p is then the call's params after the selection:
+ * per-key bias, no mask). The sparse kernel runs for it, or for a row-broadcast mask, in the default mode. */
+static void make_config(const fdma_params *p, int sparse_window, Config *c) {
     memset(c, 0, sizeof(*c));
+    const int sparse = (sparse_window && !p->deterministic && p->D <= 128) || use_gather_rows(p);
+    c->sparse = sparse;
+    c->gather_rows = sparse && !sparse_window;
     c->Dp = p->D <= 64 ? 64 : p->D <= 128 ? 128 : 256;
     c->kBN = key_block(c->Dp);
     const int64_t g = p->H / p->Hkv;
@@ -54,7 +74,7 @@ static void make_config(const fdma_params *p, Config *c) {
     int heads_together = 0; /* dbias needs every query head of a kv head (or all heads) in one CTA */
     if (p->bias.ptr && p->dbias) {
         const int64_t *d = p->bias.dim;
-        if (dims_equal_full(p)) {
+        if (dims_equal_full(p) && !sparse) {
             c->dbias_mode = DBIAS_DIRECT;
         } else if (d[2] == 1) {
             c->dbias_mode = DBIAS_ACC_ROWS; /* per (batch, query head, key) partials, reduced afterwards */
@@ -71,16 +91,20 @@ static void make_config(const fdma_params *p, Config *c) {
             if (d[1] == 1 && p->H > 1) c->hkv_per_cta = (int)p->Hkv;
         }
     }
-    c->per_head = g > 1 && !heads_together;
+    c->per_head = g > 1 && !heads_together && !sparse;
     const int64_t rows = p->B * p->H * p->Sq;
     size_t off = 0;
     c->off_di = off;
     off += align256((size_t)rows * 4);
     c->off_dq = off;
-    if (!p->deterministic) off += align256((size_t)rows * p->D * 4);
+    if (!p->deterministic && !sparse) off += align256((size_t)rows * p->D * 4);
     c->off_dk = off;
     c->off_dv = off;
-    if (c->per_head) {
+    if (sparse) {
+        const size_t acc = align256((size_t)(p->B * p->Hkv * p->Sk * p->D) * 4);
+        c->off_dv = off + acc;
+        off += 2 * acc;
+    } else if (c->per_head) {
         const size_t part = align256((size_t)(p->B * p->H * p->Sk * p->D) * 4);
         c->off_dv = off + part;
         off += 2 * part;
@@ -88,6 +112,8 @@ static void make_config(const fdma_params *p, Config *c) {
     c->off_db = off;
     if (c->dbias_mode == DBIAS_ACC || c->dbias_mode == DBIAS_ACC_ROWS)
         off += align256((size_t)(c->AB * c->AH * c->A2 * p->Sk) * 4);
+    c->off_gl = off;
+    if (c->gather_rows) off += align256((size_t)(p->mask.dim[0] * p->mask.dim[1] * (p->Sk + 16)) * 4);
     c->total = off;
 }
 
@@ -199,7 +225,15 @@ static cudaError_t run_small_pre(const fdma_params *p, float *Di, cudaStream_t s
 template <typename T>
 static cudaError_t run_small_post(const fdma_params *p, const Config &c, const Args &a, cudaStream_t st) {
     cudaError_t err;
-    if (!p->deterministic) {
+    if (c.sparse) { /* (B, Hkv, Sk, D) fp32 accumulators -> dk (times scale), dv */
+        const int64_t n8 = p->B * p->Sk * p->Hkv * p->D / 8;
+        kv_reduce<T><<<blocks_for(n8, 256), 256, 0, st>>>(a.dkacc, (T *)p->dk, p->dk_stride[0], p->dk_stride[1],
+                                                          p->dk_stride[2], a.scale, p->Sk, p->Hkv, 1, (int)p->D, n8);
+        if ((err = cudaGetLastError()) != cudaSuccess) return err;
+        kv_reduce<T><<<blocks_for(n8, 256), 256, 0, st>>>(a.dvacc, (T *)p->dv, p->dv_stride[0], p->dv_stride[1],
+                                                          p->dv_stride[2], 1.f, p->Sk, p->Hkv, 1, (int)p->D, n8);
+        if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    } else if (!p->deterministic) {
         const int64_t n8 = p->B * p->Sq * p->H * p->D / 8;
         dq_convert<T><<<blocks_for(n8, 256), 256, 0, st>>>(a.dqacc, (T *)p->dq, p->dq_stride[0], p->dq_stride[1],
                                                            p->dq_stride[2], a.scale, p->Sq, p->H, (int)p->D, n8);
@@ -245,11 +279,6 @@ extern "C" fdma_status fdma_cuda_bwd_plan(const fdma_params *p, fdma_plan *plan)
         return fdma_set_error(FDMA_STATUS_UNSUPPORTED,
                               "fdma_bwd: D: the CUDA backend needs a multiple of 8 up to 256, got %lld",
                               (long long)p->D);
-    if (p->window > 0)
-        return fdma_set_error(FDMA_STATUS_UNSUPPORTED,
-                              "fdma_bwd: window: the CUDA backward does not run the top-k window (window=%lld) "
-                              "yet; pass the keep mask from fdma_create_mask as mask with window=0",
-                              (long long)p->window);
     if (p->Sq >= INT32_MAX - 256 || p->Sk >= INT32_MAX - 256)
         return fdma_set_error(FDMA_STATUS_UNSUPPORTED,
                               "fdma_bwd: Sq and Sk must be below 2^31 - 256 on the CUDA backend, got Sq=%lld Sk=%lld",
@@ -282,24 +311,33 @@ extern "C" fdma_status fdma_cuda_bwd_plan(const fdma_params *p, fdma_plan *plan)
                               "fdma_bwd: the CUDA backward kernels of this build run on compute capability 9.0 (H100, "
                               "H200) only; device %d has %d.x (use the CPU or Triton backend there)",
                               dev, major);
+    /* top-k window: the selection first (window.cuh), then the backward with what it produced */
+    fdma_cuda_window w;
+    fdma_status wst = fdma_cuda_window_plan(p, kBwdSparseTileM, 0, &w);
+    if (wst != FDMA_STATUS_OK) return wst;
+    fdma_params pa;
+    fdma_cuda_window_params(&w, p, (void *)(uintptr_t)256, &pa);
     Config c;
-    make_config(p, &c);
-    snprintf(plan->name, sizeof(plan->name), "cuda_bwd_%s_d%d%s%s", p->dtype == FDMA_DTYPE_BF16 ? "bf16" : "f16",
-             c.Dp, p->deterministic ? "_det" : "", c.per_head ? "_gqasplit" : "");
-    plan->workspace_bytes = c.total;
+    make_config(&pa, w.mode == FDMA_WIN_SPARSE, &c);
+    snprintf(plan->name, sizeof(plan->name), "cuda_bwd_%s_d%d%s%s%s", p->dtype == FDMA_DTYPE_BF16 ? "bf16" : "f16",
+             c.Dp, w.mode == FDMA_WIN_SPARSE ? "_sparse" : w.mode == FDMA_WIN_MASK ? "_window" : "",
+             p->deterministic ? "_det" : c.gather_rows ? "_gather" : "", c.per_head ? "_gqasplit" : "");
+    plan->workspace_bytes = w.bytes + c.total;
     plan->variant = c.Dp;
     plan->flags = c.dbias_mode;
     return FDMA_STATUS_OK;
 }
 
-extern "C" fdma_status fdma_cuda_bwd_run(const fdma_params *p, const fdma_plan *plan) {
+/* The backward after the selection: p has window 0 (and the keep mask as its mask in MASK mode); ws = the workspace
+ * after the selection's part; sv = the SPARSE selection or zeros. */
+static fdma_status bwd_run_attention(const fdma_params *p, const fdma_plan *plan, char *ws, size_t ws_bytes,
+                                     const fdma_cuda_sparse_view *sv) {
     Config c;
-    make_config(p, &c);
-    if (p->workspace_bytes < c.total || (c.total > 0 && p->workspace == NULL))
+    make_config(p, sv->lists != nullptr, &c);
+    if (ws_bytes < c.total || (c.total > 0 && ws == NULL))
         return fdma_set_error(FDMA_STATUS_WORKSPACE_TOO_SMALL, "fdma_bwd: workspace: need %zu bytes, got %zu",
-                              c.total, p->workspace_bytes);
+                              c.total, ws_bytes);
     cudaStream_t st = (cudaStream_t)p->stream;
-    char *ws = (char *)p->workspace;
     const int bf16 = p->dtype == FDMA_DTYPE_BF16;
 
     Args a;
@@ -339,6 +377,7 @@ extern "C" fdma_status fdma_cuda_bwd_run(const fdma_params *p, const fdma_plan *
     a.drop_scale = 1.f / (1.f - p->p_drop);
     a.seed = p->seed;
     a.offset = p->offset;
+    a.rng_state = p->rng_state;
     /* broadcast views: a dim of size 1 gets stride 0; head index = h / div */
     auto view = [&](const fdma_view4 &vw, int64_t s[4], int *div) {
         for (int x = 0; x < 4; x++) s[x] = vw.dim[x] == 1 ? 0 : vw.stride[x];
@@ -349,6 +388,36 @@ extern "C" fdma_status fdma_cuda_bwd_run(const fdma_params *p, const fdma_plan *
         view(p->mask, a.ms, &a.mhdiv);
     } else {
         a.mhdiv = 1;
+    }
+    a.ex_hdiv = 1;
+    if (sv->expiry) {
+        a.expiry = sv->expiry;
+        a.ex_rb = sv->rb;
+        a.ex_hdiv = sv->hdiv;
+        a.ex_hmul = sv->hmul;
+    }
+    if (c.sparse && !c.gather_rows) {
+        a.ex_lists = sv->lists;
+        a.ex_counts = sv->counts;
+        a.ex_elists = sv->elists;
+        a.ex_cstride = 1;
+        a.ex_cap = sv->cap;
+        a.ex_ntiles = sv->ntiles;
+    } else if (c.gather_rows) { /* lists of (b, mask head) rows: [count, 15 unused, keys] every Sk + 16 entries */
+        const fdma_view4 *m = &p->mask;
+        int32_t *gl = (int32_t *)(ws + c.off_gl);
+        a.ex_lists = gl + 16;
+        a.ex_counts = gl;
+        a.ex_cstride = p->Sk + 16;
+        a.ex_cap = p->Sk + 16;
+        a.ex_ntiles = 1;
+        a.ex_rb = m->dim[0] > 1 ? m->dim[1] : 0;
+        a.ex_hmul = m->dim[1] > 1 ? 1 : 0;
+        a.ex_hdiv = (m->dim[1] > 1 && m->dim[1] != p->H) ? (int)(p->H / m->dim[1]) : 1;
+    }
+    if (c.sparse) {
+        a.dkacc = (float *)(ws + c.off_dk);
+        a.dvacc = (float *)(ws + c.off_dv);
     }
     if (p->bias.ptr) {
         a.bias = p->bias.ptr;
@@ -370,7 +439,7 @@ extern "C" fdma_status fdma_cuda_bwd_run(const fdma_params *p, const fdma_plan *
     }
     a.lse = p->lse;
     a.Di = (const float *)(ws + c.off_di);
-    a.dqacc = p->deterministic ? nullptr : (float *)(ws + c.off_dq);
+    a.dqacc = (p->deterministic || c.sparse) ? nullptr : (float *)(ws + c.off_dq);
     a.dkpart = c.per_head ? (float *)(ws + c.off_dk) : nullptr;
     a.dvpart = c.per_head ? (float *)(ws + c.off_dv) : nullptr;
     a.b_per_cta = c.b_per_cta;
@@ -381,6 +450,14 @@ extern "C" fdma_status fdma_cuda_bwd_run(const fdma_params *p, const fdma_plan *
                            : run_small_pre<__half>(p, (float *)(ws + c.off_di), st);
     if (err == cudaSuccess && a.dqacc)
         err = cudaMemsetAsync(a.dqacc, 0, (size_t)(p->B * p->Sq * p->H * p->D) * 4, st);
+    if (err == cudaSuccess && c.sparse)
+        err = cudaMemsetAsync(ws + c.off_dk, 0, c.off_db - c.off_dk, st);
+    if (err == cudaSuccess && c.gather_rows) {
+        FdmaFwdParams kp;
+        memset(&kp, 0, sizeof(kp));
+        fdma_status gs = fdma_cuda_gather_launch(kp, p, (int32_t *)(ws + c.off_gl), st);
+        if (gs != FDMA_STATUS_OK) return gs;
+    }
     if (err == cudaSuccess && a.dbacc)
         err = cudaMemsetAsync(a.dbacc, 0, (size_t)(c.AB * c.AH * c.A2 * p->Sk) * 4, st);
     if (err == cudaSuccess) {
@@ -396,4 +473,19 @@ extern "C" fdma_status fdma_cuda_bwd_run(const fdma_params *p, const fdma_plan *
         return fdma_set_error(FDMA_STATUS_CUDA_ERROR, "fdma_bwd (%s): %s", plan ? plan->name : "cuda_bwd",
                               cudaGetErrorString(err));
     return FDMA_STATUS_OK;
+}
+
+extern "C" fdma_status fdma_cuda_bwd_run(const fdma_params *p, const fdma_plan *plan) {
+    fdma_cuda_window w;
+    fdma_status st = fdma_cuda_window_plan(p, kBwdSparseTileM, 0, &w);
+    if (st != FDMA_STATUS_OK) return st;
+    if (p->workspace_bytes < w.bytes || (w.bytes > 0 && p->workspace == NULL))
+        return fdma_set_error(FDMA_STATUS_WORKSPACE_TOO_SMALL, "fdma_bwd: workspace: need at least %zu bytes, got %zu",
+                              w.bytes, p->workspace_bytes);
+    char *ws = static_cast<char *>(p->workspace);
+    fdma_cuda_sparse_view view;
+    if ((st = fdma_cuda_window_run(&w, p, ws, &view)) != FDMA_STATUS_OK) return st;
+    fdma_params pa;
+    fdma_cuda_window_params(&w, p, ws, &pa);
+    return bwd_run_attention(&pa, plan, ws + w.bytes, p->workspace_bytes - w.bytes, &view);
 }

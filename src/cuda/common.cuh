@@ -44,6 +44,13 @@ template <int N> __device__ __forceinline__ void fdma_cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+/* The dropout pair {seed, offset} from device memory (fdma_params.rng_state, 8-byte aligned). volatile: the
+ * compiler re-reads it where it is used (an L1 hit) instead of holding four registers across a loop. */
+__device__ __forceinline__ void fdma_load_rng(const uint64_t *rng, uint64_t &seed, uint64_t &offset) {
+    asm volatile("ld.global.nc.u64 %0, [%2];\n\tld.global.nc.u64 %1, [%2+8];\n" : "=l"(seed), "=l"(offset)
+                 : "l"(rng));
+}
+
 __device__ __forceinline__ void fdma_ldmatrix_x4(uint32_t r[4], const void *smem) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -142,11 +149,19 @@ struct FdmaFwdParams {
     uint32_t drop_threshold;
     float drop_scale;    /* 1 / (1 - p_drop) */
     uint64_t seed, offset;
+    const uint64_t *rng_state; /* NULL = seed/offset; else device {seed, offset}, read by the kernel (graphs) */
 
     /* gathered keys (row-broadcast mask): list of (b, mask head) at gather + b*g_sb + (h/m_hdiv)*g_sh, as
        [count, 15 unused, kept key indices in increasing order]; NULL = dense keys */
     const int32_t *gather;
     int64_t g_sb, g_sh;
+
+    /* top-k window, SPARSE mode (window.cuh): key lists per (row r, query tile of BR rows), the expiry e of each
+       list entry at the entry's position + ex_eoff; row r = b * ex_rb + (h / ex_hdiv) * ex_hmul. (i, j) visible
+       iff j <= lim_i < e[r][j]. NULL = none */
+    const int32_t *ex_lists, *ex_counts;
+    int64_t ex_eoff, ex_cap, ex_ntiles, ex_rb;
+    int ex_hdiv, ex_hmul;
 };
 
 /* Forward kernel shape for a head-dim tile: warps per CTA, 16-row blocks per warp (MI), query rows per CTA.
@@ -171,8 +186,15 @@ static constexpr int fdma_fwd_rows(int dt) { return 16 * fdma_fwd_warps(dt) * fd
 #ifndef FDMA_FWD_D128_MB_MI
 #define FDMA_FWD_D128_MB_MI 1
 #endif
+/* D <= 64, every feature (dropout, softcap, gathered and sparse-window keys): 8 warps x 1 block; 4 x 2 spilled a
+ * few bytes once the top-k window's visibility test and the device dropout seed were added. */
+#ifndef FDMA_FWD_D64_ALL_MI
+#define FDMA_FWD_D64_ALL_MI 1
+#endif
 static constexpr int fdma_fwd_mi_f(int dt, int feat) {
-    return dt == 128 ? (feat == 0 ? FDMA_FWD_D128_PLAIN_MI : FDMA_FWD_D128_MB_MI) : fdma_fwd_mi(dt);
+    return dt == 128  ? (feat == 0 ? FDMA_FWD_D128_PLAIN_MI : FDMA_FWD_D128_MB_MI)
+           : dt == 64 ? (feat == 31 ? FDMA_FWD_D64_ALL_MI : fdma_fwd_mi(dt))
+                      : fdma_fwd_mi(dt);
 }
 static constexpr int fdma_fwd_warps_f(int dt, int feat) { return fdma_fwd_rows(dt) / (16 * fdma_fwd_mi_f(dt, feat)); }
 

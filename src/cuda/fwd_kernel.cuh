@@ -88,7 +88,7 @@ template <int DT_, int NW_, int MI_, int FEAT_ = FDMA_F_ALL> struct FdmaFwdCfg {
     static constexpr int MASK_LD = BC + 16;    /* bytes */
     static constexpr int BIAS_BYTES = (FEAT_ & FDMA_F_BIAS) ? BR * BIAS_LD * 2 : 0;
     static constexpr int MASK_BYTES = (FEAT_ & FDMA_F_MASK) ? BR * MASK_LD : 0;
-    static constexpr int IDX_BYTES = (FEAT_ & FDMA_F_GATHER) ? 2 * 64 * 4 : 0;
+    static constexpr int IDX_BYTES = (FEAT_ & FDMA_F_GATHER) ? 2 * 2 * 64 * 4 : 0; /* key index, expiry */
     static constexpr int SMEM = Q_BYTES + 3 * KV_BYTES + BIAS_BYTES + 2 * MASK_BYTES + IDX_BYTES;
     static constexpr bool Q_IN_REGS = MI == 1 && DT <= 128;
     static_assert(DT % 64 == 0, "head-dim tile must be a multiple of 64 (swizzle groups of 8 chunks)");
@@ -119,8 +119,10 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
     uint8_t *sV = sK + 2 * C::KV_BYTES;
     uint16_t *sBias = reinterpret_cast<uint16_t *>(sV + C::KV_BYTES);
     uint8_t *sMask = sV + C::KV_BYTES + C::BIAS_BYTES;
-    /* sMask: two buffers (the next tile's mask is probed in place); sIdx: gathered keys, [2][64] key indices */
+    /* sMask: two buffers (the next tile's mask is probed in place); sIdx: gathered keys, [2][64] key indices,
+       then [2][64] their expiry (SPARSE window) */
     int *sIdx = reinterpret_cast<int *>(sMask + 2 * C::MASK_BYTES);
+    int *sExp = sIdx + 2 * 64;
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, qd = lane & 3;
     const int wrow = warp * 16 * MI; /* this warp's first row in the tile; block mi: wrow + 16 mi */
@@ -142,10 +144,22 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
 
     /* Gathered keys: the kept keys of a row-broadcast mask, in increasing order (fdma_gather_kernel); key
        tile n is list[64n .. 64n+63]. Dense keys: tile n is keys 64n .. 64n+63. */
-    const bool gather = F_GATHER && p.gather != nullptr;
-    const int32_t *gl = gather ? p.gather + b * p.g_sb + (int64_t)(h / p.m_hdiv) * p.g_sh : nullptr;
-    const int nkeys = gather ? gl[0] : Sk; /* keys in the loop's index space */
-    if (gather) gl += 16;
+    /* SPARSE window: this query tile's list of the keys any of its rows keeps, and their expiry (visibility
+       j <= lim_i < e[j] per row, applied with the causal bound below) */
+    const bool sparse = F_GATHER && p.ex_lists != nullptr;
+    const bool gather = F_GATHER && (p.gather != nullptr || sparse);
+    const int32_t *gl = nullptr;
+    int nkeys = Sk; /* keys in the loop's index space */
+    if (sparse) {
+        const int64_t r = (int64_t)b * p.ex_rb + (int64_t)(h / p.ex_hdiv) * p.ex_hmul;
+        const int64_t lt = r * p.ex_ntiles + (p.ex_ntiles > 1 ? mt : 0);
+        gl = p.ex_lists + lt * p.ex_cap;
+        nkeys = p.ex_counts[lt];
+    } else if (gather) {
+        gl = p.gather + b * p.g_sb + (int64_t)(h / p.m_hdiv) * p.g_sh;
+        nkeys = gl[0];
+        gl += 16;
+    }
     /* key-tile range; causal: the last visible key of the tile's last row */
     const int jmax = min(i0 + BR - 1, Sq - 1) - Sq + Sk;
     int n_end = (nkeys + 63) / 64;
@@ -286,6 +300,7 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
         if (gather && tid < 64) {
             const int j = key_row(n, tid, nullptr);
             sIdx[64 * kb + tid] = j < Sk ? j : INT_MAX;
+            if (sparse) sExp[64 * kb + tid] = j < Sk ? gl[p.ex_eoff + n * 64 + tid] : 0; /* e of the entry */
         }
     };
     /* bias and mask of tile n (status st) into their single buffers */
@@ -388,7 +403,7 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
         fdma_cp_async_wait<1>();
         __syncthreads();
         const uint8_t *sKc = sK + kb * C::KV_BYTES;
-        const int *sI = sIdx + 64 * kb;
+        const int *sI = sIdx + 64 * kb, *sE = sExp + 64 * kb;
         load_rows(sV, vg, p.v_ss, n, sI);
         fdma_cp_async_commit();
 
@@ -526,20 +541,23 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
                     }
         }
         if (gather) {
-            /* tail: list positions >= nkeys; causal: the key's own index against the row's limit */
+            /* tail: list positions >= nkeys; causal: the key's own index against the row's limit lim; SPARSE
+               window: also lim < e[key] (the key is still among the row's top-w) */
             const bool diag = p.causal && sI[63] > i0 + wrow - Sq + Sk;
-            if (j0 + 64 > nkeys || diag) {
+            if (j0 + 64 > nkeys || diag || sparse) {
 #pragma unroll
-                for (int t = 0; t < 8; t++)
+                for (int mi = 0; mi < MI; mi++)
 #pragma unroll
-                    for (int u = 0; u < 2; u++) {
-                        const int jl = t * 8 + 2 * qd + u, jk = sI[jl];
+                    for (int r = 0; r < 2; r++) {
+                        const int lim = p.causal ? row0 + 16 * mi + 8 * r - Sq + Sk : Sk - 1;
 #pragma unroll
-                        for (int mi = 0; mi < MI; mi++)
+                        for (int t = 0; t < 8; t++)
 #pragma unroll
-                            for (int r = 0; r < 2; r++)
-                                if (j0 + jl >= nkeys || (p.causal && jk > row0 + 16 * mi + 8 * r - Sq + Sk))
+                            for (int u = 0; u < 2; u++) {
+                                const int jl = t * 8 + 2 * qd + u;
+                                if (j0 + jl >= nkeys || sI[jl] > lim || (sparse && lim >= sE[jl]))
                                     s[mi][t][2 * r + u] = -INFINITY;
+                            }
                     }
             }
         } else if (j0 + 64 > Sk || (p.causal && j0 + 63 > i0 + wrow - Sq + Sk)) { /* tail or diagonal tile */
@@ -602,16 +620,20 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
 #pragma unroll 1
                 for (int x = 0; x < 16; x++) {
                     const int r = x >> 3, t = x & 7;
+                    /* a device rng_state (refilled by a captured RNG op on every CUDA-graph replay) overrides
+                       the by-value pair; re-read per call (an L1 hit) so that it holds no registers */
+                    uint64_t seed = p.seed, offset = p.offset;
+                    if (p.rng_state) fdma_load_rng(p.rng_state, seed, offset);
                     uint32_t w[4];
                     uint32_t lo, hi;
                     if (gather) { /* the two keys' own indices need not share a Philox call */
                         const int ja = sI[t * 8 + 2 * qd], jb = sI[t * 8 + 2 * qd + 1];
-                        fdma_dropout_words(p.seed, p.offset, drow0 + 16 * mi + 8 * r, (uint64_t)ja, w);
+                        fdma_dropout_words(seed, offset, drow0 + 16 * mi + 8 * r, (uint64_t)ja, w);
                         lo = (ja & 3) == 0 ? w[0] : (ja & 3) == 1 ? w[1] : (ja & 3) == 2 ? w[2] : w[3];
-                        fdma_dropout_words(p.seed, p.offset, drow0 + 16 * mi + 8 * r, (uint64_t)jb, w);
+                        fdma_dropout_words(seed, offset, drow0 + 16 * mi + 8 * r, (uint64_t)jb, w);
                         hi = (jb & 3) == 0 ? w[0] : (jb & 3) == 1 ? w[1] : (jb & 3) == 2 ? w[2] : w[3];
                     } else {
-                        fdma_dropout_words(p.seed, p.offset, drow0 + 16 * mi + 8 * r, (uint64_t)(j0 + t * 8 + 2 * qd), w);
+                        fdma_dropout_words(seed, offset, drow0 + 16 * mi + 8 * r, (uint64_t)(j0 + t * 8 + 2 * qd), w);
                         lo = (qd & 1) ? w[2] : w[0];
                         hi = (qd & 1) ? w[3] : w[1];
                     }
@@ -759,7 +781,7 @@ static fdma_status fdma_fwd_launch_t(const FdmaFwdParams &kp, cudaStream_t strea
 /* Features a call needs (FDMA_F_* bits). */
 static inline int fdma_fwd_features(const FdmaFwdParams &kp) {
     return (kp.mask ? FDMA_F_MASK : 0) | (kp.bias ? FDMA_F_BIAS : 0) | (kp.dropout ? FDMA_F_DROP : 0) |
-           (kp.gather ? FDMA_F_GATHER : 0) | (kp.softcap > 0.f ? FDMA_F_CAP : 0);
+           ((kp.gather || kp.ex_lists) ? FDMA_F_GATHER : 0) | (kp.softcap > 0.f ? FDMA_F_CAP : 0);
 }
 
 /* One head-dim tile, one dtype: the plain instantiation (no mask, bias, dropout, softcap, gather), the
@@ -775,7 +797,8 @@ static fdma_status fdma_fwd_launch_dt(const FdmaFwdParams &kp, cudaStream_t stre
         if ((f & ~MB) == 0)
             return fdma_fwd_launch_t<T, DT, fdma_fwd_warps_f(DT, MB), fdma_fwd_mi_f(DT, MB), MB>(kp, stream, name);
     }
-    return fdma_fwd_launch_t<T, DT, fdma_fwd_warps(DT), fdma_fwd_mi(DT), FDMA_F_ALL>(kp, stream, name);
+    return fdma_fwd_launch_t<T, DT, fdma_fwd_warps_f(DT, FDMA_F_ALL), fdma_fwd_mi_f(DT, FDMA_F_ALL), FDMA_F_ALL>(
+        kp, stream, name);
 }
 
 #define FDMA_DEFINE_FWD_LAUNCHER(DT)                                                                         \

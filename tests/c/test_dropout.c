@@ -1,14 +1,82 @@
 /*
  * test_dropout.c -- SPEC section 5: Philox4x32-10 known-answer tests (Random123 kat_vectors), the keep
  * rate, reproducibility for the same (seed, offset), independence across offsets, and agreement between the
- * public fdma_dropout_keep and the header used by the kernels (src/philox.h). The dropout forward and
- * backward against the reference run in test_attn.c (p_drop = 0.2 cases) and test_fd.c.
+ * public fdma_dropout_keep and the header used by the kernels (src/philox.h), and fdma_params.rng_state: the
+ * pair read through the pointer gives bitwise the forward and backward of the same pair by value (CPU). The
+ * dropout forward and backward against the reference run in test_attn.c (p_drop = 0.2 cases) and test_fd.c.
  */
 #include <math.h>
 #include <stdio.h>
+#include <string.h>
 
 #include "philox.h"
 #include "tutil.h"
+
+/* One CPU fp32 forward + backward with dropout: q, dout (B, Sq, H, D), k, v (B, Sk, Hkv, D), causal. The keep
+ * bits come from rng_state when it is non-NULL (the by-value seed/offset are then ignored), else from
+ * (seed, offset). Outputs are NaN-poisoned first. */
+enum { RB = 2, RSQ = 9, RSK = 13, RH = 4, RHKV = 2, RD = 8 };
+typedef struct rng_io {
+    float q[RB * RSQ * RH * RD], k[RB * RSK * RHKV * RD], v[RB * RSK * RHKV * RD], dout[RB * RSQ * RH * RD];
+    float out[RB * RSQ * RH * RD], lse[RB * RH * RSQ];
+    float dq[RB * RSQ * RH * RD], dk[RB * RSK * RHKV * RD], dv[RB * RSK * RHKV * RD];
+} rng_io;
+
+static fdma_status rng_run(rng_io *io, uint64_t seed, uint64_t offset, const uint64_t *rng_state) {
+    memset(io->out, 0xFF, sizeof io->out);
+    memset(io->lse, 0xFF, sizeof io->lse);
+    memset(io->dq, 0xFF, sizeof io->dq);
+    memset(io->dk, 0xFF, sizeof io->dk);
+    memset(io->dv, 0xFF, sizeof io->dv);
+    fdma_params p;
+    fdma_params_init(&p);
+    p.B = RB; p.Sq = RSQ; p.Sk = RSK; p.H = RH; p.Hkv = RHKV; p.D = RD;
+    p.q = io->q; fdma_strides_contiguous(p.q_stride, RB, RSQ, RH, RD);
+    p.k = io->k; fdma_strides_contiguous(p.k_stride, RB, RSK, RHKV, RD);
+    p.v = io->v; fdma_strides_contiguous(p.v_stride, RB, RSK, RHKV, RD);
+    p.out = io->out; fdma_strides_contiguous(p.out_stride, RB, RSQ, RH, RD);
+    p.lse = io->lse;
+    p.causal = 1;
+    p.p_drop = 0.3f;
+    p.seed = seed;
+    p.offset = offset;
+    p.rng_state = rng_state;
+    fdma_status st = fdma_fwd(&p);
+    if (st != FDMA_STATUS_OK) return st;
+    p.dout = io->dout; fdma_strides_contiguous(p.dout_stride, RB, RSQ, RH, RD);
+    p.dq = io->dq; fdma_strides_contiguous(p.dq_stride, RB, RSQ, RH, RD);
+    p.dk = io->dk; fdma_strides_contiguous(p.dk_stride, RB, RSK, RHKV, RD);
+    p.dv = io->dv; fdma_strides_contiguous(p.dv_stride, RB, RSK, RHKV, RD);
+    return fdma_bwd(&p);
+}
+
+static int rng_same(const rng_io *a, const rng_io *b) {
+    return memcmp(a->out, b->out, sizeof a->out) == 0 && memcmp(a->lse, b->lse, sizeof a->lse) == 0 &&
+           memcmp(a->dq, b->dq, sizeof a->dq) == 0 && memcmp(a->dk, b->dk, sizeof a->dk) == 0 &&
+           memcmp(a->dv, b->dv, sizeof a->dv) == 0;
+}
+
+static void test_rng_state_pointer(void) {
+    static rng_io byval, byptr, other;
+    t_seed(31);
+    float *ins[4] = {byval.q, byval.k, byval.v, byval.dout};
+    size_t ns[4] = {sizeof byval.q, sizeof byval.k, sizeof byval.v, sizeof byval.dout};
+    for (int a = 0; a < 4; a++)
+        for (size_t e = 0; e < ns[a] / sizeof(float); e++) ins[a][e] = (float)t_normal();
+    byptr = byval;
+    other = byval;
+    const uint64_t s = 0x9e3779b97f4a7c15ull, o = (1ull << 40) + 12345;
+    const uint64_t pair[2] = {s, o}, pair2[2] = {s, o + 1};
+    fdma_status a = rng_run(&byval, s, o, NULL);
+    fdma_status b = rng_run(&byptr, s + 1, o + 7, pair); /* the by-value fields must be ignored */
+    fdma_status c = rng_run(&other, s, o, pair2);
+    t_report(a == FDMA_STATUS_OK && b == FDMA_STATUS_OK && c == FDMA_STATUS_OK && rng_same(&byval, &byptr),
+             "dropout: rng_state {seed, offset} gives bitwise the forward and backward of seed/offset by value (%s, %s)",
+             fdma_status_string(a), fdma_status_string(b));
+    t_report(c == FDMA_STATUS_OK && memcmp(byval.out, other.out, sizeof byval.out) != 0 &&
+                 memcmp(byval.dq, other.dq, sizeof byval.dq) != 0,
+             "dropout: rng_state {seed, offset + 1} gives other keep bits (%s)", fdma_status_string(c));
+}
 
 void test_philox_dropout(void) {
     static const struct { uint32_t ctr[4], key[2], out[4]; } kat[3] = {
@@ -68,4 +136,6 @@ void test_philox_dropout(void) {
     int lay = 1;
     for (int jj = 0; jj < 4; jj++) lay &= fdma_dropout_keep(seed, offset, 77, 20 + jj, 0.3f) == (w[jj] >= thr);
     t_report(lay, "dropout: key j of row r uses word j & 3 of Philox(key = seed, ctr = (j >> 2, r, offset))");
+
+    test_rng_state_pointer();
 }

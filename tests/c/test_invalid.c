@@ -23,6 +23,7 @@ typedef struct env {
 } env;
 
 static env E, SNAP;
+static uint64_t RNG_WORDS[3]; /* 8-byte aligned: RNG_WORDS + 4 bytes is a misaligned rng_state */
 
 static void env_reset(fdma_params *p) {
     t_seed(5);
@@ -165,6 +166,8 @@ static const inv *mutate(int kind, fdma_params *p, fdma_topk_params *t, int *nul
     CASE(65, OP_FWD, U, "Sk: the CPU backend takes up to 2^34 keys",
          (p->Sk = (int64_t)1 << 35, p->k_stride[1] = 0, p->v_stride[1] = 0, p->mask.ptr = NULL, p->bias.ptr = NULL,
           p->probs = NULL))
+    CASE(66, OP_FWD, I, "rng_state: expected an 8-byte aligned",
+         (p->p_drop = 0.1f, p->rng_state = (const uint64_t *)((const uint8_t *)RNG_WORDS + 4)))
     default: return NULL;
     }
 #undef CASE
@@ -226,7 +229,7 @@ void test_invalid(void) {
     t_report(fdma_status_string((fdma_status)99) != NULL && strcmp(fdma_status_string(FDMA_STATUS_UNSUPPORTED),
                                                                    "FDMA_STATUS_UNSUPPORTED") == 0,
              "status strings");
-    t_report(fdma_version() == FDMA_VERSION && strcmp(fdma_version_string(), "0.1.0") == 0 &&
+    t_report(fdma_version() == FDMA_VERSION && strcmp(fdma_version_string(), "0.2.0") == 0 &&
                  fdma_params_size() == sizeof(fdma_params),
              "version %d \"%s\", params size %zu", fdma_version(), fdma_version_string(), fdma_params_size());
 }

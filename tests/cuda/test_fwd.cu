@@ -447,7 +447,7 @@ static int check_refusals() {
     struct { const char *what; fdma_params p; } t[4];
     t[0] = {"D = 36", p}; t[0].p.D = 36;
     t[1] = {"fp32", p}; t[1].p.dtype = FDMA_DTYPE_F32;
-    t[2] = {"window = 8", p}; t[2].p.window = 8;
+    t[2] = {"Sk = 2^31", p}; t[2].p.Sk = (int64_t)1 << 31;
     t[3] = {"D = 264", p}; t[3].p.D = 264;
     for (int c = 0; c < 4; c++) {
         g_err[0] = 0;

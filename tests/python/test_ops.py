@@ -8,7 +8,9 @@ test_ops.py -- the torch operator layer and the package surface:
   * errors: ValueError / TypeError naming the argument, from Python checks and from the C library's status;
   * the ctypes binding: struct size, version refusal, fdma_dropout_keep against reference.dropout_keep;
   * get_available_backends / flash_dmattn_func_auto / availability flags;
-  * GPU: CUDA-graph capture and replay (forward and backward), the current stream, dropout in a capture refused.
+  * fdma_params.rng_state (the pair read from memory at run time) against the pair by value;
+  * GPU: CUDA-graph capture and replay (forward and backward), the current stream; dropout inside a capture:
+    test_graphs.py.
 """
 import ctypes
 
@@ -223,6 +225,47 @@ def test_binding_layout_and_version_refusal(monkeypatch):
         _lib._load_from(_lib.LIBRARY_PATH)
 
 
+@pytest.mark.parametrize("device", devices())
+def test_rng_state_pointer_equals_by_value(device):
+    """fdma_params.rng_state (an int64[2] (seed, offset) tensor on the call's device, read by the kernels when
+    they run) gives bitwise the forward and backward of the same pair by value, whatever the by-value fields
+    say; another pair gives other keep bits; fwd_op's rng_in takes the same path and comes back as a copy."""
+    assert _lib.Params.rng_state.offset == _lib.Params.offset.offset + 8        # right after offset
+    dt = _dt(device)
+    B, Sq, Sk, H, Hkv, D, pd = 2, 17, 31, 4, 2, 16, 0.3
+    q, k, v = qkv(B, Sq, Sk, H, Hkv, D, dt, device)
+    bias = torch.randn(B, Hkv, 1, Sk).to(dt).to(device)
+    dout = torch.randn(B, Sq, H, D).to(dt).to(device)
+    seed, offset = 2**63 + 12345, 2**40 + 7
+
+    def run(s, o, rng):
+        out, lse, _ = _lib.run_fwd(q, k, v, None, bias, None, True, 0.0, 0, pd, s, o, False, rng_state=rng)
+        grads = _lib.run_bwd(dout, q, k, v, None, bias, out, lse, None, True, 0.0, 0, pd, s, o, False, True,
+                             rng_state=rng)
+        return [out, lse, *grads]
+
+    byval = run(seed, offset, None)
+    byptr = run(seed + 1, offset + 3, _ops.rng_state_tensor(seed, offset).to(device))
+    other = run(seed, offset, _ops.rng_state_tensor(seed, offset + 1).to(device))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv", "dbias"), byval, byptr):
+        assert torch.equal(a, b), name
+    assert not torch.equal(byval[0], other[0]) and not torch.equal(byval[2], other[2])
+    kw = dict(bias=bias, causal=True, p_drop=pd, seed=seed, offset=offset, dout=dout)
+    ref = R.attention_ref(q, k, v, **kw)
+    low = R.attention_ref(q, k, v, precision="lowp", **kw) if dt != F32 else {}
+    for name, x in zip(("out", "dq", "dk", "dv", "dbias"), byptr[:1] + byptr[2:]):
+        _close(name, x, ref[name], low.get(name))
+
+    rng_in = _ops.rng_state_tensor(seed, offset).to(device)
+    out, _, _, rng_out = _ops.fwd_op(q, k, v, None, bias, D**-0.5, True, 0.0, 0, pd, False, False, rng_in)
+    assert torch.equal(out, byval[0])
+    assert rng_out.device == rng_in.device and rng_out.data_ptr() != rng_in.data_ptr()
+    assert _ops.rng_state_values(rng_out) == (seed, offset)
+    for bad in (torch.zeros(3, dtype=torch.int64), torch.zeros(2, dtype=torch.int32)):
+        with pytest.raises(ValueError, match="rng_state"):
+            _lib.run_fwd(q, k, v, None, bias, None, True, 0.0, 0, pd, 0, 0, False, rng_state=bad.to(device))
+
+
 def test_backends_and_flags():
     names = flash_dmattn.get_available_backends()
     assert flash_dmattn.CPU_AVAILABLE and "cpu" in names
@@ -299,19 +342,6 @@ def test_cuda_graph_capture_and_replay_forward_backward():
                               precision="lowp")
         for name, x in zip(("out", "dq", "dk", "dv", "dbias"), got):
             _close(name, x, ref[name], low[name])
-
-
-@pytest.mark.gpu
-@cuda_backend
-def test_cuda_graph_dropout_is_refused_not_frozen():
-    q, k, v = qkv(1, 16, 16, 2, 2, 64, BF16, "cuda")
-    flash_dmattn_func(q, k, v, dropout_p=0.1)
-    g = torch.cuda.CUDAGraph()
-    with pytest.raises(RuntimeError, match="CUDA-graph capture"):
-        with torch.cuda.graph(g):
-            flash_dmattn_func(q, k, v, dropout_p=0.1)
-    out = flash_dmattn_func(q, k, v)                                  # nothing sticky afterwards
-    assert not torch.isnan(out).any()
 
 
 @pytest.mark.gpu

@@ -240,6 +240,31 @@ def test_dropout_public_uses_torch_generator():
     check("out", out1, ref, lp)
 
 
+def test_dropout_rng_state_tensor_equals_by_value():
+    """The pair taken from an int64[2] tensor on the device (what a CUDA-graph capture passes: copied into the
+    kernels' drop tensor by device ops) gives bitwise the forward, backward and keep bits of the same pair by
+    value; another pair gives other bits. (Capture and replay themselves: test_graphs.py, on a GPU.)"""
+    B, Sq, Sk, H, Hkv, D, p = 1, 17, 33, 2, 1, 16, 0.3
+    q, k, v, dout = rand(B, Sq, H, D), rand(B, Sk, Hkv, D), rand(B, Sk, Hkv, D), rand(B, Sq, H, D)
+    seed, offset = 2**63 + 5, 2**33 + 9
+
+    def pair(s, o):
+        return torch.tensor([T._signed64(s), T._signed64(o)], dtype=torch.int64, device=DEVICE)
+
+    def run(s, o, rng_state):
+        out, lse = T.attention_forward(q, k, v, causal=True, dropout_p=p, seed=s, offset=o, rng_state=rng_state)
+        grads = T.attention_backward(dout, q, k, v, out, lse, causal=True, dropout_p=p, seed=s, offset=o,
+                                     rng_state=rng_state)
+        return (out, lse) + grads[:3]
+
+    byval, byptr, other = run(seed, offset, None), run(0, 0, pair(seed, offset)), run(0, 0, pair(seed, offset + 1))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), byval, byptr):
+        assert torch.equal(a, b), name
+    assert not torch.equal(byval[0], other[0])
+    z = T.dropout_keep_bits(B, H, Sq, Sk, p, 0, 0, device=DEVICE, rng_state=pair(seed, offset)).cpu()
+    assert torch.equal(z, R.dropout_keep(B, H, Sq, Sk, p, seed, offset))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Public function: autograd, input forms, window, probs, determinism, errors.
 
