@@ -581,24 +581,29 @@ def peak_memory(X, ctx, row):
     res = {}
     for label, use in (("fdma_dense", False), ("fdma", True)):
         try:
-            q_, k_, v_ = (_leaf(t) for t in (X["q"], X["k"], X["v"]))
-            b_ = _leaf(X["bias"]) if use else None
-            ctx.free()
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            out = f(q_, k_, v_, attn_mask=X["keep"] if use else None, attn_bias=b_, is_causal=True)
-            out.backward(X["dout"])
-            del out
-            torch.cuda.synchronize()
-            res[label] = (torch.cuda.max_memory_allocated() - base) / 2**20
-            del q_, k_, v_, b_
+            res[label] = _peak_fwd_bwd(ctx, X, use, lambda q_, k_, v_, b_: f(
+                q_, k_, v_, attn_mask=X["keep"] if use else None, attn_bias=b_, is_causal=True))[0]
         except Exception as e:
             row.setdefault("errors", {})["peak/" + label] = f"{type(e).__name__}: {e}"[:300]
     if "fdma" in res and res.get("fdma_dense"):
         res["ratio"] = res["fdma"] / res["fdma_dense"]
     row["peak_mb"] = res
     ctx.free()
+
+
+def _peak_fwd_bwd(ctx, X, use_bias, call):
+    """Peak MiB allocated beyond what existed before one forward+backward of call(q, k, v, bias or None) on fresh
+    leaves of X's tensors; also returns (q, k, v, bias, out) for the caller's byte counts."""
+    q_, k_, v_ = (_leaf(t) for t in (X["q"], X["k"], X["v"]))
+    b_ = _leaf(X["bias"]) if use_bias else None
+    ctx.free()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = call(q_, k_, v_, b_)
+    out.backward(X["dout"])
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20, (q_, k_, v_, b_, out.detach())
 
 
 def peak_memory_w1c(X, ctx, row):
@@ -617,23 +622,16 @@ def peak_memory_w1c(X, ctx, row):
             row.setdefault("skipped", {})["peak/" + label] = f"budget ({ctx.left():.0f} s left)"
             continue
         try:
-            q_, k_, v_ = (_leaf(t) for t in (X["q"], X["k"], X["v"]))
-            b_ = _leaf(X["bias"]) if use else None
-            ctx.free()
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            out = f(q_, k_, v_, attn_bias=b_, is_causal=True, keep_window_size=X["w"] if use else None)
-            out.backward(X["dout"])
-            torch.cuda.synchronize()
-            res[label] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            res[label], ts = _peak_fwd_bwd(ctx, X, use, lambda q_, k_, v_, b_: f(
+                q_, k_, v_, attn_bias=b_, is_causal=True, keep_window_size=X["w"] if use else None))
             if use:
                 def nb(ts):
                     return sum(t.numel() * t.element_size() for t in ts) / 2**20
+                q_, k_, v_, b_, out = ts
                 inputs = nb([q_, k_, v_, b_, X["dout"]])
                 res["fdma_total"] = res[label] + inputs
                 res["tensors"] = inputs + nb([out, q_.grad, k_.grad, v_.grad, b_.grad]) + B * H * Sq * 4 / 2**20
-            del out, q_, k_, v_, b_
+            del ts
         except Exception as e:
             row.setdefault("errors", {})["peak/" + label] = f"{type(e).__name__}: {e}"[:300]
     if "fdma" in res and res.get("fdma_dense"):

@@ -688,6 +688,36 @@ __global__ void __launch_bounds__(kBN * 2, 1) dkdv_kernel(const Args a) {
 
 /* ---- dq kernel (deterministic mode) ----------------------------------------------------------------------- */
 
+/* The two rows i and i + 8 of a thread in the query-major kernels: lse (+inf for an empty or padded row, so that
+ * p = 0) and Di. */
+__device__ __forceinline__ void row_stats(const Args &a, int b, int h, int64_t i, float (&lse_r)[2], float (&di_r)[2]) {
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        const int64_t off = ((int64_t)b * a.H + h) * a.Sq + i + 8 * hf;
+        const float l = i + 8 * hf < a.Sq ? a.lse[off] : -INFINITY;
+        lse_r[hf] = l == -INFINITY ? INFINITY : l;
+        di_r[hf] = i + 8 * hf < a.Sq ? a.Di[off] : 0.f;
+    }
+}
+
+/* dq rows r0 .. r0 + 15 (a warp's 16 x kDp fp32 C fragments) = scale * acc, in q's dtype. */
+template <typename T, int kDp>
+__device__ __forceinline__ void write_dq(const Args &a, const float (&acc)[kDp / 8][4], int b, int h, int64_t r0,
+                                         int lane) {
+    const int gid = lane >> 2, t4 = lane & 3;
+#pragma unroll
+    for (int n = 0; n < kDp / 8; n++)
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            const int64_t i = r0 + gid + 8 * hf;
+            const int d = n * 8 + 2 * t4;
+            if (i < a.Sq && d < a.D) {
+                T *p = (T *)a.dq + b * a.dqs[0] + i * a.dqs[1] + (int64_t)h * a.dqs[2] + d;
+                *reinterpret_cast<uint32_t *>(p) = fdma_pack2<T>(acc[n][2 * hf] * a.scale, acc[n][2 * hf + 1] * a.scale);
+            }
+        }
+}
+
 template <int kDp> struct DqSmem {
     static constexpr size_t bytes_of(size_t esz) { return esz * 6 * 64 * (size_t)kDp; }
 };
@@ -701,7 +731,7 @@ __global__ void __launch_bounds__(128, 1) dq_kernel(const Args a) {
     T *sdO = sQ + kBM * kDp;
     T *sK = sdO + kBM * kDp; /* [2][kBN][kDp] */
     T *sV = sK + 2 * kBN * kDp;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, t4 = lane & 3;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2;
     const int row0 = warp * 16;
     const Lane L = make_lane(lane);
     const int64_t i0 = (int64_t)blockIdx.x * kBM;
@@ -729,14 +759,7 @@ __global__ void __launch_bounds__(128, 1) dq_kernel(const Args a) {
     fdma_cp_async_commit();
 
     float lse_r[2], di_r[2];
-#pragma unroll
-    for (int hf = 0; hf < 2; hf++) {
-        const int64_t i = i0 + row0 + gid + 8 * hf;
-        const int64_t off = ((int64_t)b * a.H + h) * a.Sq + i;
-        const float l = i < a.Sq ? a.lse[off] : -INFINITY;
-        lse_r[hf] = l == -INFINITY ? INFINITY : l;
-        di_r[hf] = i < a.Sq ? a.Di[off] : 0.f;
-    }
+    row_stats(a, b, h, i0 + row0 + gid, lse_r, di_r);
 
     float acc[kDp / 8][4];
 #pragma unroll
@@ -774,17 +797,7 @@ __global__ void __launch_bounds__(128, 1) dq_kernel(const Args a) {
     }
     fdma_cp_async_wait<0>();
 
-#pragma unroll
-    for (int n = 0; n < kDp / 8; n++)
-#pragma unroll
-        for (int hf = 0; hf < 2; hf++) {
-            const int64_t i = i0 + row0 + gid + 8 * hf;
-            const int d = n * 8 + 2 * t4;
-            if (i < a.Sq && d < a.D) {
-                T *p = (T *)a.dq + b * a.dqs[0] + i * a.dqs[1] + (int64_t)h * a.dqs[2] + d;
-                *reinterpret_cast<uint32_t *>(p) = fdma_pack2<T>(acc[n][2 * hf] * a.scale, acc[n][2 * hf + 1] * a.scale);
-            }
-        }
+    write_dq<T, kDp>(a, acc, b, h, i0 + row0, lane);
 #endif
 }
 
@@ -928,14 +941,7 @@ __global__ void __launch_bounds__(128, 1) sparse_kernel(const Args a) {
     fdma_cp_async_commit();
 
     float lse_r[2], di_r[2];
-#pragma unroll
-    for (int hf = 0; hf < 2; hf++) {
-        const int64_t i = i0 + row0 + gid + 8 * hf;
-        const int64_t off = ((int64_t)b * a.H + h) * a.Sq + i;
-        const float l = i < a.Sq ? a.lse[off] : -INFINITY;
-        lse_r[hf] = l == -INFINITY ? INFINITY : l;
-        di_r[hf] = i < a.Sq ? a.Di[off] : 0.f;
-    }
+    row_stats(a, b, h, i0 + row0 + gid, lse_r, di_r);
     float *dkrow = a.dkacc + ((int64_t)b * a.Hkv + hkv) * a.Sk * a.D;
     float *dvrow = a.dvacc + ((int64_t)b * a.Hkv + hkv) * a.Sk * a.D;
     float *dbrow = a.dbias_mode == DBIAS_ACC_ROWS ? a.dbacc + b * a.acs[0] + (int64_t)(h / a.achdiv) * a.acs[1] : nullptr;
@@ -1014,17 +1020,7 @@ __global__ void __launch_bounds__(128, 1) sparse_kernel(const Args a) {
     }
     fdma_cp_async_wait<0>();
 
-#pragma unroll
-    for (int n = 0; n < kDp / 8; n++)
-#pragma unroll
-        for (int hf = 0; hf < 2; hf++) {
-            const int64_t i = i0 + row0 + gid + 8 * hf;
-            const int d = n * 8 + 2 * t4;
-            if (i < a.Sq && d < a.D) {
-                T *p = (T *)a.dq + b * a.dqs[0] + i * a.dqs[1] + (int64_t)h * a.dqs[2] + d;
-                *reinterpret_cast<uint32_t *>(p) = fdma_pack2<T>(acc[n][2 * hf] * a.scale, acc[n][2 * hf + 1] * a.scale);
-            }
-        }
+    write_dq<T, kDp>(a, acc, b, h, i0 + row0, lane);
 #endif
 }
 
