@@ -260,14 +260,11 @@ static fdma_status fwd_run_attention(const fdma_params *p, const fdma_plan *plan
 
 extern "C" fdma_status fdma_cuda_fwd_run(const fdma_params *p, const fdma_plan *plan) {
     fdma_cuda_window w;
-    fdma_status st = fdma_cuda_window_plan(p, fdma_fwd_rows(plan->variant), p->probs != NULL, &w);
-    if (st != FDMA_STATUS_OK) return st;
-    char *ws = static_cast<char *>(p->workspace);
     fdma_cuda_sparse_view view;
-    if ((st = fdma_cuda_window_run(&w, p, ws, &view)) != FDMA_STATUS_OK) return st;
     fdma_params pa;
-    fdma_cuda_window_params(&w, p, ws, &pa);
-    return fwd_run_attention(&pa, plan, ws + w.bytes, &view);
+    fdma_status st = fdma_cuda_window_prepare(p, fdma_fwd_rows(plan->variant), p->probs != NULL, &w, &view, &pa);
+    if (st != FDMA_STATUS_OK) return st;
+    return fwd_run_attention(&pa, plan, static_cast<char *>(p->workspace) + w.bytes, &view);
 }
 
 extern "C" fdma_status fdma_cuda_topk_create_mask(const fdma_topk_params *p);

@@ -477,15 +477,10 @@ static fdma_status bwd_run_attention(const fdma_params *p, const fdma_plan *plan
 
 extern "C" fdma_status fdma_cuda_bwd_run(const fdma_params *p, const fdma_plan *plan) {
     fdma_cuda_window w;
-    fdma_status st = fdma_cuda_window_plan(p, kBwdSparseTileM, 0, &w);
-    if (st != FDMA_STATUS_OK) return st;
-    if (p->workspace_bytes < w.bytes || (w.bytes > 0 && p->workspace == NULL))
-        return fdma_set_error(FDMA_STATUS_WORKSPACE_TOO_SMALL, "fdma_bwd: workspace: need at least %zu bytes, got %zu",
-                              w.bytes, p->workspace_bytes);
-    char *ws = static_cast<char *>(p->workspace);
     fdma_cuda_sparse_view view;
-    if ((st = fdma_cuda_window_run(&w, p, ws, &view)) != FDMA_STATUS_OK) return st;
     fdma_params pa;
-    fdma_cuda_window_params(&w, p, ws, &pa);
-    return bwd_run_attention(&pa, plan, ws + w.bytes, p->workspace_bytes - w.bytes, &view);
+    fdma_status st = fdma_cuda_window_prepare(p, kBwdSparseTileM, 0, &w, &view, &pa);
+    if (st != FDMA_STATUS_OK) return st;
+    return bwd_run_attention(&pa, plan, static_cast<char *>(p->workspace) + w.bytes, p->workspace_bytes - w.bytes,
+                             &view);
 }

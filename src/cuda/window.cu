@@ -77,8 +77,8 @@ void fdma_cuda_window_params(const fdma_cuda_window *w, const fdma_params *p, vo
     }
 }
 
-fdma_status fdma_cuda_window_run(const fdma_cuda_window *w, const fdma_params *p, void *ws,
-                                 fdma_cuda_sparse_view *view) {
+/* Run the selection into ws on p->stream; fill *view for SPARSE. */
+static fdma_status window_run(const fdma_cuda_window *w, const fdma_params *p, void *ws, fdma_cuda_sparse_view *view) {
     memset(view, 0, sizeof(*view));
     if (w->mode == FDMA_WIN_NONE) return FDMA_STATUS_OK;
     if (((uintptr_t)ws & 255) != 0)
@@ -111,5 +111,17 @@ fdma_status fdma_cuda_window_run(const fdma_cuda_window *w, const fdma_params *p
     const int64_t D1 = w->L.D1;
     view->hmul = D1 > 1 ? 1 : 0;
     view->hdiv = (D1 > 1 && D1 != p->H) ? (int)(p->H / D1) : 1;
+    return FDMA_STATUS_OK;
+}
+
+fdma_status fdma_cuda_window_prepare(const fdma_params *p, int64_t tile_m, int want_rows_mask, fdma_cuda_window *w,
+                                     fdma_cuda_sparse_view *view, fdma_params *out) {
+    fdma_status st = fdma_cuda_window_plan(p, tile_m, want_rows_mask, w);
+    if (st != FDMA_STATUS_OK) return st;
+    if (p->workspace_bytes < w->bytes || (w->bytes > 0 && p->workspace == NULL))
+        return fdma_set_error(FDMA_STATUS_WORKSPACE_TOO_SMALL, "workspace: the top-k selection needs at least %zu "
+                              "bytes, got %zu", w->bytes, p->workspace_bytes);
+    if ((st = window_run(w, p, p->workspace, view)) != FDMA_STATUS_OK) return st;
+    fdma_cuda_window_params(w, p, p->workspace, out);
     return FDMA_STATUS_OK;
 }

@@ -50,8 +50,10 @@ fdma_status fdma_cuda_window_plan(const fdma_params *p, int64_t tile_m, int want
  * mask (for planning, ws may be any non-NULL address). SPARSE: the mask is cleared (it is inside the expiry). */
 void fdma_cuda_window_params(const fdma_cuda_window *w, const fdma_params *p, void *ws, fdma_params *out);
 
-/* Run the selection into ws (w->bytes, 256-byte aligned) on p->stream; fill *view for SPARSE. */
-fdma_status fdma_cuda_window_run(const fdma_cuda_window *w, const fdma_params *p, void *ws,
-                                 fdma_cuda_sparse_view *view);
+/* For a run: plan, check that p->workspace holds the selection, run the selection into it (w->bytes, 256-byte
+ * aligned) on p->stream, and fill *out (the params the attention runs with) and *view (SPARSE); *w says how many
+ * workspace bytes the selection took. */
+fdma_status fdma_cuda_window_prepare(const fdma_params *p, int64_t tile_m, int want_rows_mask, fdma_cuda_window *w,
+                                     fdma_cuda_sparse_view *view, fdma_params *out);
 
 #endif /* FDMA_CUDA_WINDOW_CUH */

@@ -77,3 +77,19 @@ def ref_dbias(ref_db4, form, leaf_shape):
     if form == "expand":
         return ref_db4.sum(2, keepdim=True) if ref_db4.shape[2] != 1 else ref_db4
     return ref_db4.reshape(leaf_shape)
+
+
+def capture_graph(step):
+    """Warm `step` up twice on a side stream (as torch documents for CUDA graphs), then capture one call of it:
+    returns (graph, the tensors that call returned). CUDA only."""
+    import torch
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static = step()
+    return g, static

@@ -25,7 +25,7 @@ import torch
 import flash_dma
 import flash_dmattn
 import reference as R
-from cases import qkv
+from cases import capture_graph, qkv
 from flash_dmattn import _ops, flash_dmattn_func
 
 BF16 = torch.bfloat16
@@ -61,20 +61,6 @@ def _spy_draws(monkeypatch):
     return drawn
 
 
-def _capture(step):
-    """Warm `step` up twice on a side stream, then capture it once: (graph, the tensors it returned)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        static = step()
-    return g, static
-
-
 def _replay_and_check(g, results, rng_state, q, k, v, bias, dout):
     """Replay 3 times: each replay's results (out, dq, dk, dv, dbias) must equal the reference for the pair it
     drew, and the replays must differ from each other. results() -> the static tensors, rng_state() -> the
@@ -107,7 +93,7 @@ def test_cuda_graph_dropout_new_keep_bits_every_replay(monkeypatch):
         out = flash_dmattn_func(q, k, v, attn_bias=bias, is_causal=True, dropout_p=P_DROP)
         return [out, *torch.autograd.grad(out, (q, k, v, bias), dout)]
 
-    g, static = _capture(step)
+    g, static = capture_graph(step)
     assert len(drawn) == 1 and drawn[0].is_cuda
     _replay_and_check(g, lambda: static, lambda: drawn[0], q, k, v, bias, dout)
 
@@ -124,7 +110,7 @@ def test_cuda_graph_dropout_flash_dma_fwd_bwd():
                                           rng_state=rng_state)
         return [out, dq, dk, dv, dbias, rng_state]
 
-    g, static = _capture(step)
+    g, static = capture_graph(step)
     assert static[5].is_cuda
     _replay_and_check(g, lambda: static[:5], lambda: static[5], q, k, v, bias, dout)
 
@@ -138,7 +124,7 @@ def test_triton_graph_dropout_new_keep_bits_every_replay(monkeypatch):
         out = flash_dmattn.triton_dmattn_func(q, k, v, attn_bias=bias, is_causal=True, dropout_p=P_DROP)
         return [out, *torch.autograd.grad(out, (q, k, v, bias), dout)]
 
-    g, static = _capture(step)
+    g, static = capture_graph(step)
     assert len(drawn) == 1 and drawn[0].is_cuda
     _replay_and_check(g, lambda: static, lambda: drawn[0], q, k, v, bias, dout)
 

@@ -20,7 +20,7 @@ import torch
 
 import flash_dmattn
 import reference as R
-from cases import qkv
+from cases import capture_graph, qkv
 from conftest import devices
 from flash_dmattn import _lib, _ops, flash_dmattn_func
 
@@ -318,18 +318,7 @@ def test_cuda_graph_capture_and_replay_forward_backward():
         out.backward(dout)
         return out
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    for t in (q, k, v, bias):
-        t.grad = None
-    with torch.cuda.graph(g):
-        static_out = flash_dmattn_func(q, k, v, attn_bias=bias, is_causal=True)
-        static_out.backward(dout)
+    g, static_out = capture_graph(step)
     for _ in range(2):
         with torch.no_grad():
             for t in (q, k, v, bias, dout):
