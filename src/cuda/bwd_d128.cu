@@ -1,8 +1,8 @@
 /*
- * bwd_d128.cu -- instantiates the backward kernels of bwd_common.cuh for head dims padded to 128 (one
+ * bwd_d128.cu -- instantiates the backward kernels (bwd_launch.cuh) for head dims padded to 128 (one
  * translation unit per head dim so that builds run in parallel). Called by bwd.cu.
  */
-#include "bwd_common.cuh"
+#include "bwd_launch.cuh"
 
 namespace fdma_bwdk {
 

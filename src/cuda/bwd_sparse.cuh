@@ -1,0 +1,238 @@
+/*
+ * bwd_sparse.cuh -- the query-major backward kernel over gathered key lists (top-k window SPARSE mode and
+ * row-broadcast masks; window.cuh builds the lists). Included by bwd_launch.cuh; the shared pieces (Args,
+ * tiles, per-element code, row_stats, write_dq) are bwd_common.cuh's.
+ */
+#ifndef FDMA_CUDA_BWD_SPARSE_CUH
+#define FDMA_CUDA_BWD_SPARSE_CUH
+
+#include "bwd_common.cuh"
+
+namespace fdma_bwdk {
+
+/* ---- sparse kernel (top-k window, SPARSE mode, default mode, D <= 128) -----------------------------------
+ * One CTA per (64 query rows = one tile of the window's key lists, query head, batch), 4 warps of 16 rows, like
+ * the dq kernel, but its key tiles are the tile's gathered list (64 keys each; K/V rows loaded by index) and it
+ * also produces the key side. Per key tile:
+ *   S = Q K^T, P (visible: causal and j <= lim_i < e[j]), dP = dO V^T, dS = P (dP z / (1 - p_drop) - Di)
+ *   P z / (1 - p_drop) and dS (after the softcap factor) -> shared memory [query][key]
+ *   dQ += dS K                                    (registers; written once at the end: no atomics)
+ *   dbias: column sums of dS -> fp32 atomics into the (B, H, Sk) accumulator (per-key bias)
+ *   each warp owns 16 keys: dV_t = (P z / (1 - p_drop))^T dO and dK_t = dS^T Q (16 x kDp fp32, in column slices
+ *   of at most 128), added with float2 atomics into the fp32 (B, Hkv, Sk, D) accumulators.
+ * Work O(Sq * (w + 64)) instead of O(Sq * Sk); the atomics make it non-deterministic (deterministic=1 runs the
+ * dkdv and dq kernels with the expiry visibility instead). */
+template <int kDp> struct SparseSmem {
+    static constexpr int kPS = 64 + 8; /* row stride (elements) of the P and dS tiles: ldmatrix conflict-free */
+    static constexpr size_t bytes_of(size_t esz) {
+        return esz * (6 * 64 * (size_t)kDp + 2 * 64 * (size_t)kPS) + 2 * 64 * (2 * sizeof(int) + sizeof(float));
+    }
+};
+
+/* acc (16 keys x kAcc) = A^T B over the 64 queries of the tile: A a [query][key] tile (row stride kPS), this warp's
+ * keys k0 .. k0+15; B a swizzled [query][kDp] tile, columns [kC0, kC0 + kAcc); then added to dst rows (key index
+ * from kidx) with float2 atomics, times mul. */
+template <typename T, int kDp, int kAcc, int kC0, int kPS>
+__device__ __forceinline__ void sparse_key_side(const Args &a, const T *sA, const T *sB, int k0, const int *kidx,
+                                                float *dst, float mul, const Lane &L, int lane) {
+    float acc[kAcc / 8][4];
+#pragma unroll
+    for (int n = 0; n < kAcc / 8; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) acc[n][e] = 0.f;
+    const int nsteps = (a.D + 15) >> 4;
+#pragma unroll
+    for (int kq = 0; kq < 4; kq++) {
+        uint32_t af[4];
+        fdma_ldmatrix_x4_trans(af, sA + (kq * 16 + L.rB) * kPS + k0 + (((lane >> 3) & 1) << 3));
+#pragma unroll
+        for (int np = 0; np < kAcc / 16; np++) {
+            if (kC0 / 16 + np < nsteps) {
+                uint32_t bf[4];
+                fdma_ldmatrix_x4_trans(bf, sB + bt_off<kDp>(L, kq * 16, kC0 / 16 + np));
+                fdma_mma16816<T>(acc[2 * np], af, bf[0], bf[1]);
+                fdma_mma16816<T>(acc[2 * np + 1], af, bf[2], bf[3]);
+            }
+        }
+    }
+    /* lanes t4 and t4 ^ 1 swap halves so that each holds 4 consecutive columns of one row: even t4 row gid,
+       odd t4 row gid + 8, columns 8n + 4 (t4 >> 1) .. + 3; one 16-byte atomic (sm90) per (n, lane) */
+    const int gid = lane >> 2, t4 = lane & 3, odd = t4 & 1;
+    const int j = kidx[k0 + gid + 8 * odd];
+    float *row = dst + (int64_t)(j < a.sk ? j : 0) * a.D;
+#pragma unroll
+    for (int n = 0; n < kAcc / 8; n++) {
+        const float give0 = odd ? acc[n][0] : acc[n][2], give1 = odd ? acc[n][1] : acc[n][3];
+        const float got0 = __shfl_xor_sync(0xffffffffu, give0, 1), got1 = __shfl_xor_sync(0xffffffffu, give1, 1);
+        float4 v; /* even: row gid, columns of lane t4 then t4 + 1; odd: row gid + 8, columns of t4 - 1 then t4 */
+        if (odd) v = make_float4(got0, got1, acc[n][2], acc[n][3]);
+        else v = make_float4(acc[n][0], acc[n][1], got0, got1);
+        const int d = kC0 + n * 8 + 4 * (t4 >> 1);
+        if (j < a.sk && d < a.D) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+            atomicAdd(reinterpret_cast<float4 *>(row + d), make_float4(v.x * mul, v.y * mul, v.z * mul, v.w * mul));
+#else
+            atomicAdd(row + d, v.x * mul);
+            atomicAdd(row + d + 1, v.y * mul);
+            atomicAdd(row + d + 2, v.z * mul);
+            atomicAdd(row + d + 3, v.w * mul);
+#endif
+        }
+    }
+    if constexpr (kC0 + kAcc < kDp) sparse_key_side<T, kDp, kAcc, kC0 + kAcc, kPS>(a, sA, sB, k0, kidx, dst, mul, L, lane);
+}
+
+/* C fragments (16 rows x 64 keys, fp32) times f(n, e) -> a [row][key] tile of T (row stride kPS). */
+template <typename T, int kPS, typename F>
+__device__ __forceinline__ void store_ctile(T *s, const float (&c)[8][4], int row0, int lane, F f) {
+    const int gid = lane >> 2, t4 = lane & 3;
+#pragma unroll
+    for (int n = 0; n < 8; n++)
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++)
+            *reinterpret_cast<uint32_t *>(s + (row0 + gid + 8 * hf) * kPS + n * 8 + 2 * t4) =
+                fdma_pack2<T>(c[n][2 * hf] * f(n, 2 * hf), c[n][2 * hf + 1] * f(n, 2 * hf + 1));
+}
+
+template <typename T, int kDp>
+__global__ void __launch_bounds__(128, 1) sparse_kernel(const Args a) {
+#ifndef FDMA_BWD_NO_DEVICE_CODE
+    constexpr int kBM = 64, kBN = 64, kThreads = 128, kPS = SparseSmem<kDp>::kPS;
+    constexpr int kAcc = kDp; /* key side in one slice (kDp <= 128: D = 256 runs the dkdv/dq kernels instead) */
+    extern __shared__ __align__(128) unsigned char smem[];
+    T *sQ = reinterpret_cast<T *>(smem);
+    T *sdO = sQ + kBM * kDp;
+    T *sK = sdO + kBM * kDp; /* [2][kBN][kDp] */
+    T *sV = sK + 2 * kBN * kDp;
+    T *sP = sV + 2 * kBN * kDp; /* [kBM][kPS]: P z / (1 - p_drop) */
+    T *sdS = sP + kBM * kPS;    /* [kBM][kPS]: dS (softcap factor applied) */
+    int *sIdx = reinterpret_cast<int *>(sdS + kBM * kPS); /* [2][kBN] key index of each tile row (>= Sk: none) */
+    int *sExp = sIdx + 2 * kBN;                                    /* [2][kBN] its expiry */
+    float *sBv = reinterpret_cast<float *>(sExp + 2 * kBN);       /* [2][kBN] its bias (per-key bias), or 0 */
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, t4 = lane & 3;
+    const int row0 = warp * 16;
+    const Lane L = make_lane(lane);
+    const int64_t i0 = (int64_t)blockIdx.x * kBM;
+    const int h = blockIdx.y, b = blockIdx.z, hkv = h / a.g;
+    const int ksteps = (a.D + 15) >> 4;
+    const int64_t r = (int64_t)b * a.ex_rb + (int64_t)(h / a.ex_hdiv) * a.ex_hmul;
+    const int64_t lt = r * a.ex_ntiles + (a.ex_ntiles > 1 ? blockIdx.x : 0);
+    const int32_t *list = a.ex_lists + lt * a.ex_cap;
+    const int nkeys = a.ex_counts[lt * a.ex_cstride];
+    const int nN = (nkeys + kBN - 1) / kBN;
+    const int32_t *elist = a.ex_elists ? a.ex_elists + lt * a.ex_cap : nullptr;
+    const T *brow = a.bias ? (const T *)a.bias + b * a.bs[0] + (int64_t)(h / a.bhdiv) * a.bs[1] : nullptr;
+
+    const T *gk = (const T *)a.k + b * a.ks[0] + (int64_t)hkv * a.ks[2];
+    const T *gv = (const T *)a.v + b * a.vs[0] + (int64_t)hkv * a.vs[2];
+    load_rows<T, kBM, kDp, kThreads>(sQ, (const T *)a.q + b * a.qs[0] + (int64_t)h * a.qs[2] + i0 * a.qs[1], a.qs[1],
+                                     a.Sq - i0, a.D);
+    load_rows<T, kBM, kDp, kThreads>(sdO, (const T *)a.dout + b * a.dos[0] + (int64_t)h * a.dos[2] + i0 * a.dos[1],
+                                     a.dos[1], a.Sq - i0, a.D);
+    auto load_kv = [&](int nb, int buf) {
+        constexpr int kCh = kDp / 8;
+        T *dk_ = sK + buf * kBN * kDp, *dv_ = sV + buf * kBN * kDp;
+#pragma unroll 4
+        for (int c = threadIdx.x; c < kBN * kCh; c += kThreads) {
+            const int rr = c / kCh, ch = c % kCh, pos = nb * kBN + rr;
+            const int j = pos < nkeys ? __ldg(list + pos) : -1;
+            const bool pred = j >= 0 && ch * 8 < a.D;
+            fdma_cp_async16(dk_ + swz<kDp>(rr, ch), pred ? gk + (int64_t)j * a.ks[1] + ch * 8 : gk, pred ? 16 : 0);
+            fdma_cp_async16(dv_ + swz<kDp>(rr, ch), pred ? gv + (int64_t)j * a.vs[1] + ch * 8 : gv, pred ? 16 : 0);
+            if (ch == 0) {
+                sIdx[buf * kBN + rr] = j >= 0 ? j : INT_MAX;
+                sExp[buf * kBN + rr] = j < 0 ? 0 : elist ? __ldg(elist + pos) : INT_MAX;
+                sBv[buf * kBN + rr] = (brow && j >= 0) ? to_f(brow[(int64_t)j * a.bs[3]]) : 0.f;
+            }
+        }
+    };
+    if (nN > 0) load_kv(0, 0);
+    fdma_cp_async_commit();
+
+    float lse_r[2], di_r[2];
+    row_stats(a, b, h, i0 + row0 + gid, lse_r, di_r);
+    float *dkrow = a.dkacc + ((int64_t)b * a.Hkv + hkv) * a.Sk * a.D;
+    float *dvrow = a.dvacc + ((int64_t)b * a.Hkv + hkv) * a.Sk * a.D;
+    float *dbrow = a.dbias_mode == DBIAS_ACC_ROWS ? a.dbacc + b * a.acs[0] + (int64_t)(h / a.achdiv) * a.acs[1] : nullptr;
+
+    float acc[kDp / 8][4];
+#pragma unroll
+    for (int n = 0; n < kDp / 8; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) acc[n][e] = 0.f;
+
+    for (int nb = 0; nb < nN; nb++) {
+        const int buf = nb & 1;
+        __syncthreads();
+        if (nb + 1 < nN) load_kv(nb + 1, buf ^ 1);
+        fdma_cp_async_commit();
+        fdma_cp_async_wait<1>();
+        __syncthreads();
+        const int *sI = sIdx + buf * kBN;
+        const T *sKb = sK + buf * kBN * kDp, *sVb = sV + buf * kBN * kDp;
+        const int *sEb = sExp + buf * kBN;
+        const float *sBb = sBv + buf * kBN;
+
+        float s[8][4];
+        gemm_rows_bt<T, kDp, 8>(s, sQ, row0, sKb, ksteps, L); /* S = Q K^T */
+        /* P from the tile's key data in shared memory: visible iff row in range, j <= lim < e[j] (causal limit
+           lim = i + Sk - Sq, else Sk - 1; padding has j = INT_MAX, e = 0) */
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            const int i = (int)i0 + row0 + gid + 8 * hf;
+            const int lim = i >= a.sq ? -1 : a.causal ? i + a.sk - a.sq : a.sk - 1;
+#pragma unroll
+            for (int n = 0; n < 8; n++)
+#pragma unroll
+                for (int u = 0; u < 2; u++) {
+                    const int c = n * 8 + 2 * t4 + u;
+                    float x = s[n][2 * hf + u] * a.scale;
+                    if (a.softcap > 0.f) x = a.softcap * tanhf(x * a.inv_softcap);
+                    x += sBb[c];
+                    const bool v = sI[c] <= lim && lim < sEb[c];
+                    s[n][2 * hf + u] = v ? exp2f((x - lse_r[hf]) * 1.4426950408889634f) : 0.f;
+                }
+        }
+        const uint32_t keep = a.dropout ? keep_bits<false, 8>(a, b, h, i0, 0, row0, lane, sI) : 0xffffffffu;
+        store_ctile<T, kPS>(sP, s, row0, lane,
+                            [&](int n, int e) { return ((keep >> (4 * n + e)) & 1) ? a.drop_scale : 0.f; });
+        float dp[8][4];
+        gemm_rows_bt<T, kDp, 8>(dp, sdO, row0, sVb, ksteps, L); /* dP = dO V^T */
+        dp_to_ds<false, 8>(a, dp, s, keep, row0, lane, [&](int il) { return di_r[(il - row0) >> 3]; });
+        if (dbrow) { /* column sums of dS over this warp's 16 rows */
+#pragma unroll
+            for (int n = 0; n < 8; n++) {
+                float c0 = dp[n][0] + dp[n][2], c1 = dp[n][1] + dp[n][3];
+#pragma unroll
+                for (int o = 4; o < 32; o <<= 1) {
+                    c0 += __shfl_xor_sync(0xffffffffu, c0, o);
+                    c1 += __shfl_xor_sync(0xffffffffu, c1, o);
+                }
+                if (gid == 0) {
+                    const int ja = sI[n * 8 + 2 * t4], jb = sI[n * 8 + 2 * t4 + 1];
+                    if (ja < a.sk && c0 != 0.f) atomicAdd(dbrow + ja, c0);
+                    if (jb < a.sk && c1 != 0.f) atomicAdd(dbrow + jb, c1);
+                }
+            }
+        }
+        if (a.softcap > 0.f) {
+            gemm_rows_bt<T, kDp, 8>(s, sQ, row0, sKb, ksteps, L);
+            softcap_grad<8>(a, dp, s);
+        }
+        store_ctile<T, kPS>(sdS, dp, row0, lane, [](int, int) { return 1.f; });
+        uint32_t da[4][4];
+        to_afrag<T, 8>(da, dp, [](int, int) { return 1.f; });
+        gemm_regs_b<T, kDp, 8>(acc, da, sKb, ksteps, L); /* dQ += dS K */
+        __syncthreads();                                  /* P and dS tiles complete */
+        sparse_key_side<T, kDp, kAcc, 0, kPS>(a, sP, sdO, warp * 16, sI, dvrow, 1.f, L, lane);   /* dV */
+        sparse_key_side<T, kDp, kAcc, 0, kPS>(a, sdS, sQ, warp * 16, sI, dkrow, 1.f, L, lane);   /* dK / scale */
+    }
+    fdma_cp_async_wait<0>();
+
+    write_dq<T, kDp>(a, acc, b, h, i0 + row0, lane);
+#endif
+}
+
+} /* namespace fdma_bwdk */
+
+#endif /* FDMA_CUDA_BWD_SPARSE_CUH */
