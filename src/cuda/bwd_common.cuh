@@ -353,8 +353,9 @@ __device__ __forceinline__ void softcap_grad(const Args &a, float (&ds)[kN][4], 
  * 64-column passes, rolled k loops), and the library builds with spills as errors, so fdma_cuda_bwd_plan refuses
  * devices below sm90 and the kernels carry no sm80 code. */
 constexpr int kDkdvBM = 32;
-/* Query rows per tile of the SPARSE window's key lists that the backward builds (window.cuh). */
-constexpr int kBwdSparseTileM = 64;
+/* Query rows per tile of the SPARSE window's key lists that the backward builds (window.cuh): one CTA of the
+ * sparse kernel (bwd_sparse.cuh) each. */
+constexpr int kBwdSparseTileM = 128;
 constexpr int kDqChunkMax = 64;
 constexpr int kDkdvBMMax = 32;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900

@@ -15,14 +15,7 @@ template <typename T, int kDp>
 cudaError_t launch_dp(const Args &a, int deterministic, dim3 grid, cudaStream_t st) {
     constexpr int kBN = key_block(kDp);
     cudaError_t err;
-    if constexpr (kDp <= 128) if (a.ex_lists) { /* the sparse kernel: grid (query tiles of 64, H, B) */
-        const size_t sm = SparseSmem<kDp>::bytes_of(sizeof(T));
-        auto k = sparse_kernel<T, kDp>;
-        if ((err = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm)) != cudaSuccess)
-            return err;
-        k<<<dim3((unsigned)((a.Sq + 63) / 64), (unsigned)a.H, (unsigned)a.B), 128, sm, st>>>(a);
-        return cudaGetLastError();
-    }
+    if constexpr (kDp <= 128) if (a.ex_lists) return launch_sparse<T, kDp>(a, st);
     if (deterministic) {
         const size_t sm = DkdvSmem<kDp, kBN, false>::bytes_of(sizeof(T));
         auto k1 = dkdv_kernel<T, kDp, kBN, false>;

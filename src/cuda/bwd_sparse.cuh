@@ -11,28 +11,33 @@
 namespace fdma_bwdk {
 
 /* ---- sparse kernel (top-k window, SPARSE mode, default mode, D <= 128) -----------------------------------
- * One CTA per (64 query rows = one tile of the window's key lists, query head, batch), 4 warps of 16 rows, like
- * the dq kernel, but its key tiles are the tile's gathered list (64 keys each; K/V rows loaded by index) and it
- * also produces the key side. Per key tile:
+ * One CTA per (kBM = 128 query rows = one tile of the window's key lists, query head, batch), 8 warps of 16
+ * rows, like the dq kernel, but its key tiles are the tile's gathered list (64 keys each; K/V rows loaded by
+ * index) and it also produces the key side. Per key tile:
  *   S = Q K^T, P (visible: causal and j <= lim_i < e[j]), dP = dO V^T, dS = P (dP z / (1 - p_drop) - Di)
  *   P z / (1 - p_drop) and dS (after the softcap factor) -> shared memory [query][key]
  *   dQ += dS K                                    (registers; written once at the end: no atomics)
  *   dbias: column sums of dS -> fp32 atomics into the (B, H, Sk) accumulator (per-key bias)
- *   each warp owns 16 keys: dV_t = (P z / (1 - p_drop))^T dO and dK_t = dS^T Q (16 x kDp fp32, in column slices
- *   of at most 128), added with float2 atomics into the fp32 (B, Hkv, Sk, D) accumulators.
- * Work O(Sq * (w + 64)) instead of O(Sq * Sk); the atomics make it non-deterministic (deterministic=1 runs the
+ *   warp w owns keys 16 (w % 4) .. + 15 and columns [kDp/2 (w / 4), + kDp/2) of the key side:
+ *   dV_t = (P z / (1 - p_drop))^T dO and dK_t = dS^T Q summed over the 128 queries, added with 16-byte
+ *   atomics into the fp32 (B, Hkv, Sk, D) accumulators (one atomic per key element per 128 queries).
+ * Pipeline: K (with the tile's key index, expiry and bias) double-buffered and issued one tile ahead; V
+ * single-buffered, issued once every warp is past dP of the tile before (the key side runs under it).
+ * Work O(Sq * (w + 128)) instead of O(Sq * Sk); the atomics make it non-deterministic (deterministic=1 runs the
  * dkdv and dq kernels with the expiry visibility instead). */
 template <int kDp> struct SparseSmem {
-    static constexpr int kPS = 64 + 8; /* row stride (elements) of the P and dS tiles: ldmatrix conflict-free */
+    static constexpr int kBM = kBwdSparseTileM, kBN = 64, kWarps = kBM / 16;
+    static constexpr int kPS = kBN + 8; /* row stride (elements) of the P and dS tiles: ldmatrix conflict-free */
     static constexpr size_t bytes_of(size_t esz) {
-        return esz * (6 * 64 * (size_t)kDp + 2 * 64 * (size_t)kPS) + 2 * 64 * (2 * sizeof(int) + sizeof(float));
+        return esz * ((2 * (size_t)kBM + 3 * kBN) * kDp + 2 * (size_t)kBM * kPS) +
+               2 * kBN * (2 * sizeof(int) + sizeof(float));
     }
 };
 
-/* acc (16 keys x kAcc) = A^T B over the 64 queries of the tile: A a [query][key] tile (row stride kPS), this warp's
- * keys k0 .. k0+15; B a swizzled [query][kDp] tile, columns [kC0, kC0 + kAcc); then added to dst rows (key index
- * from kidx) with float2 atomics, times mul. */
-template <typename T, int kDp, int kAcc, int kC0, int kPS>
+/* acc (16 keys x kAcc) = A^T B over the kQ16 * 16 queries of the tile: A a [query][key] tile (row stride kPS),
+ * this warp's keys k0 .. k0+15; B a swizzled [query][kDp] tile, columns [kC0, kC0 + kAcc); then added to dst
+ * rows (key index from kidx) with 16-byte atomics (sm90), times mul. */
+template <typename T, int kDp, int kQ16, int kAcc, int kC0, int kPS>
 __device__ __forceinline__ void sparse_key_side(const Args &a, const T *sA, const T *sB, int k0, const int *kidx,
                                                 float *dst, float mul, const Lane &L, int lane) {
     float acc[kAcc / 8][4];
@@ -42,7 +47,7 @@ __device__ __forceinline__ void sparse_key_side(const Args &a, const T *sA, cons
         for (int e = 0; e < 4; e++) acc[n][e] = 0.f;
     const int nsteps = (a.D + 15) >> 4;
 #pragma unroll
-    for (int kq = 0; kq < 4; kq++) {
+    for (int kq = 0; kq < kQ16; kq++) {
         uint32_t af[4];
         fdma_ldmatrix_x4_trans(af, sA + (kq * 16 + L.rB) * kPS + k0 + (((lane >> 3) & 1) << 3));
 #pragma unroll
@@ -79,7 +84,23 @@ __device__ __forceinline__ void sparse_key_side(const Args &a, const T *sA, cons
 #endif
         }
     }
-    if constexpr (kC0 + kAcc < kDp) sparse_key_side<T, kDp, kAcc, kC0 + kAcc, kPS>(a, sA, sB, k0, kidx, dst, mul, L, lane);
+}
+
+/* The key side of one key tile for warp `warp`: dV (from sP and dO) and dK / scale (from sdS and Q) over the
+ * warp's 16 keys and half of the columns. */
+template <typename T, int kDp, int kQ16, int kPS>
+__device__ __forceinline__ void sparse_key_tile(const Args &a, const T *sP, const T *sdS, const T *sQ, const T *sdO,
+                                                const int *kidx, float *dvrow, float *dkrow, int warp,
+                                                const Lane &L, int lane) {
+    constexpr int kHalf = kDp / 2;
+    const int k0 = (warp & 3) * 16;
+    if (warp < 4) {
+        sparse_key_side<T, kDp, kQ16, kHalf, 0, kPS>(a, sP, sdO, k0, kidx, dvrow, 1.f, L, lane);
+        sparse_key_side<T, kDp, kQ16, kHalf, 0, kPS>(a, sdS, sQ, k0, kidx, dkrow, 1.f, L, lane);
+    } else {
+        sparse_key_side<T, kDp, kQ16, kHalf, kHalf, kPS>(a, sP, sdO, k0, kidx, dvrow, 1.f, L, lane);
+        sparse_key_side<T, kDp, kQ16, kHalf, kHalf, kPS>(a, sdS, sQ, k0, kidx, dkrow, 1.f, L, lane);
+    }
 }
 
 /* C fragments (16 rows x 64 keys, fp32) times f(n, e) -> a [row][key] tile of T (row stride kPS). */
@@ -95,16 +116,17 @@ __device__ __forceinline__ void store_ctile(T *s, const float (&c)[8][4], int ro
 }
 
 template <typename T, int kDp>
-__global__ void __launch_bounds__(128, 1) sparse_kernel(const Args a) {
+__global__ void __launch_bounds__(32 * SparseSmem<kDp>::kWarps, 1) sparse_kernel(const Args a) {
 #ifndef FDMA_BWD_NO_DEVICE_CODE
-    constexpr int kBM = 64, kBN = 64, kThreads = 128, kPS = SparseSmem<kDp>::kPS;
-    constexpr int kAcc = kDp; /* key side in one slice (kDp <= 128: D = 256 runs the dkdv/dq kernels instead) */
+    using Sm = SparseSmem<kDp>;
+    constexpr int kBM = Sm::kBM, kBN = Sm::kBN, kThreads = 32 * Sm::kWarps, kPS = Sm::kPS;
+    static_assert(Sm::kWarps == 8 && kDp <= 128, "the key side splits 64 keys x kDp over 4 x 2 warps");
     extern __shared__ __align__(128) unsigned char smem[];
     T *sQ = reinterpret_cast<T *>(smem);
     T *sdO = sQ + kBM * kDp;
     T *sK = sdO + kBM * kDp; /* [2][kBN][kDp] */
-    T *sV = sK + 2 * kBN * kDp;
-    T *sP = sV + 2 * kBN * kDp; /* [kBM][kPS]: P z / (1 - p_drop) */
+    T *sV = sK + 2 * kBN * kDp; /* [kBN][kDp] */
+    T *sP = sV + kBN * kDp;     /* [kBM][kPS]: P z / (1 - p_drop) */
     T *sdS = sP + kBM * kPS;    /* [kBM][kPS]: dS (softcap factor applied) */
     int *sIdx = reinterpret_cast<int *>(sdS + kBM * kPS); /* [2][kBN] key index of each tile row (>= Sk: none) */
     int *sExp = sIdx + 2 * kBN;                                    /* [2][kBN] its expiry */
@@ -129,16 +151,18 @@ __global__ void __launch_bounds__(128, 1) sparse_kernel(const Args a) {
                                      a.Sq - i0, a.D);
     load_rows<T, kBM, kDp, kThreads>(sdO, (const T *)a.dout + b * a.dos[0] + (int64_t)h * a.dos[2] + i0 * a.dos[1],
                                      a.dos[1], a.Sq - i0, a.D);
-    auto load_kv = [&](int nb, int buf) {
-        constexpr int kCh = kDp / 8;
-        T *dk_ = sK + buf * kBN * kDp, *dv_ = sV + buf * kBN * kDp;
+    constexpr int kCh = kDp / 8;
+    /* rows of key tile nb: K (and V when with_v) by list index into buffer buf, plus index, expiry and bias */
+    auto load_k = [&](int nb, int buf, bool with_v) {
+        T *dk_ = sK + buf * kBN * kDp;
 #pragma unroll 4
         for (int c = threadIdx.x; c < kBN * kCh; c += kThreads) {
             const int rr = c / kCh, ch = c % kCh, pos = nb * kBN + rr;
             const int j = pos < nkeys ? __ldg(list + pos) : -1;
             const bool pred = j >= 0 && ch * 8 < a.D;
             fdma_cp_async16(dk_ + swz<kDp>(rr, ch), pred ? gk + (int64_t)j * a.ks[1] + ch * 8 : gk, pred ? 16 : 0);
-            fdma_cp_async16(dv_ + swz<kDp>(rr, ch), pred ? gv + (int64_t)j * a.vs[1] + ch * 8 : gv, pred ? 16 : 0);
+            if (with_v)
+                fdma_cp_async16(sV + swz<kDp>(rr, ch), pred ? gv + (int64_t)j * a.vs[1] + ch * 8 : gv, pred ? 16 : 0);
             if (ch == 0) {
                 sIdx[buf * kBN + rr] = j >= 0 ? j : INT_MAX;
                 sExp[buf * kBN + rr] = j < 0 ? 0 : elist ? __ldg(elist + pos) : INT_MAX;
@@ -146,7 +170,16 @@ __global__ void __launch_bounds__(128, 1) sparse_kernel(const Args a) {
             }
         }
     };
-    if (nN > 0) load_kv(0, 0);
+    auto load_v = [&](int nb) {
+#pragma unroll 4
+        for (int c = threadIdx.x; c < kBN * kCh; c += kThreads) {
+            const int rr = c / kCh, ch = c % kCh, pos = nb * kBN + rr;
+            const int j = pos < nkeys ? __ldg(list + pos) : -1;
+            const bool pred = j >= 0 && ch * 8 < a.D;
+            fdma_cp_async16(sV + swz<kDp>(rr, ch), pred ? gv + (int64_t)j * a.vs[1] + ch * 8 : gv, pred ? 16 : 0);
+        }
+    };
+    if (nN > 0) load_k(0, 0, true);
     fdma_cp_async_commit();
 
     float lse_r[2], di_r[2];
@@ -161,15 +194,17 @@ __global__ void __launch_bounds__(128, 1) sparse_kernel(const Args a) {
 #pragma unroll
         for (int e = 0; e < 4; e++) acc[n][e] = 0.f;
 
+    /* cp.async groups, in order: {K, V of tile 0}, then per tile nb: {K of nb + 1} at the top, {V of nb + 1}
+       after the P/dS barrier; waiting for all but the newest at the top of nb leaves K(nb) and V(nb) landed */
     for (int nb = 0; nb < nN; nb++) {
         const int buf = nb & 1;
-        __syncthreads();
-        if (nb + 1 < nN) load_kv(nb + 1, buf ^ 1);
+        __syncthreads(); /* every warp is done with tile nb - 1 (its K buffer, sP, sdS) */
+        if (nb + 1 < nN) load_k(nb + 1, buf ^ 1, false);
         fdma_cp_async_commit();
         fdma_cp_async_wait<1>();
         __syncthreads();
         const int *sI = sIdx + buf * kBN;
-        const T *sKb = sK + buf * kBN * kDp, *sVb = sV + buf * kBN * kDp;
+        const T *sKb = sK + buf * kBN * kDp;
         const int *sEb = sExp + buf * kBN;
         const float *sBb = sBv + buf * kBN;
 
@@ -197,7 +232,7 @@ __global__ void __launch_bounds__(128, 1) sparse_kernel(const Args a) {
         store_ctile<T, kPS>(sP, s, row0, lane,
                             [&](int n, int e) { return ((keep >> (4 * n + e)) & 1) ? a.drop_scale : 0.f; });
         float dp[8][4];
-        gemm_rows_bt<T, kDp, 8>(dp, sdO, row0, sVb, ksteps, L); /* dP = dO V^T */
+        gemm_rows_bt<T, kDp, 8>(dp, sdO, row0, sV, ksteps, L); /* dP = dO V^T */
         dp_to_ds<false, 8>(a, dp, s, keep, row0, lane, [&](int il) { return di_r[(il - row0) >> 3]; });
         if (dbrow) { /* column sums of dS over this warp's 16 rows */
 #pragma unroll
@@ -223,14 +258,27 @@ __global__ void __launch_bounds__(128, 1) sparse_kernel(const Args a) {
         uint32_t da[4][4];
         to_afrag<T, 8>(da, dp, [](int, int) { return 1.f; });
         gemm_regs_b<T, kDp, 8>(acc, da, sKb, ksteps, L); /* dQ += dS K */
-        __syncthreads();                                  /* P and dS tiles complete */
-        sparse_key_side<T, kDp, kAcc, 0, kPS>(a, sP, sdO, warp * 16, sI, dvrow, 1.f, L, lane);   /* dV */
-        sparse_key_side<T, kDp, kAcc, 0, kPS>(a, sdS, sQ, warp * 16, sI, dkrow, 1.f, L, lane);   /* dK / scale */
+        __syncthreads();                                  /* P and dS tiles complete; every warp is past dP */
+        if (nb + 1 < nN) load_v(nb + 1);
+        fdma_cp_async_commit();
+        sparse_key_tile<T, kDp, kBM / 16, kPS>(a, sP, sdS, sQ, sdO, sI, dvrow, dkrow, warp, L, lane);
     }
     fdma_cp_async_wait<0>();
 
     write_dq<T, kDp>(a, acc, b, h, i0 + row0, lane);
 #endif
+}
+
+/* Launch the sparse kernel: grid (query tiles of kBM rows, H, B). */
+template <typename T, int kDp>
+cudaError_t launch_sparse(const Args &a, cudaStream_t st) {
+    using Sm = SparseSmem<kDp>;
+    const size_t sm = Sm::bytes_of(sizeof(T));
+    auto k = sparse_kernel<T, kDp>;
+    cudaError_t err = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+    if (err != cudaSuccess) return err;
+    k<<<dim3((unsigned)((a.Sq + Sm::kBM - 1) / Sm::kBM), (unsigned)a.H, (unsigned)a.B), 32 * Sm::kWarps, sm, st>>>(a);
+    return cudaGetLastError();
 }
 
 } /* namespace fdma_bwdk */
