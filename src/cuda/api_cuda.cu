@@ -14,8 +14,9 @@
  * small kernel first lists each (b, mask head)'s kept keys in the workspace, then the attention kernel walks only
  * those; and the top-k window (window.cuh): "..._sparse" (causal per-key bias: per query tile the list of keys
  * any of its rows keeps, visibility j <= lim_i < e[j] in the kernel) or "..._window" (the keep mask selected into
- * the workspace, then one of the first two paths). Workspace = the selection, the gathered lists (+ lse when
- * probs are asked without lse).
+ * the workspace, then one of the first two paths). The name ends with the kernel instantiation (fdma_fwd_inst):
+ * "_f<feature bits>_<warps>x<row blocks>", e.g. "cuda_fwd_bf16_d128_sparse_f10_4x2". Workspace = the selection,
+ * the gathered lists (+ lse when probs are asked without lse).
  *   fdma_cuda_create_mask     checks that bias, mask and out are device memory, then runs the exact radix-select
  *                             top-k of topk.cu (fdma_cuda_topk_create_mask)
  *
@@ -102,6 +103,14 @@ static size_t fwd_gather_bytes(const fdma_params *p) {
 
 static int fwd_dtile(int64_t D) { return D <= 64 ? 64 : D <= 128 ? 128 : D <= 192 ? 192 : 256; }
 
+/* FDMA_F_* features of the attention call pa (after the window's params; sparse: SPARSE window lists), as
+ * fdma_fwd_features sees them in the launcher: a gathered mask reads no mask tiles. */
+static int fwd_features(const fdma_params *pa, int sparse) {
+    const int gather = sparse || fwd_use_gather(pa);
+    return (pa->mask.ptr && !gather ? FDMA_F_MASK : 0) | (pa->bias.ptr ? FDMA_F_BIAS : 0) |
+           (pa->p_drop > 0.f ? FDMA_F_DROP : 0) | (gather ? FDMA_F_GATHER : 0) | (pa->softcap > 0.f ? FDMA_F_CAP : 0);
+}
+
 extern "C" fdma_status fdma_cuda_fwd_plan(const fdma_params *p, fdma_plan *plan) {
     if (p->dtype != FDMA_DTYPE_F16 && p->dtype != FDMA_DTYPE_BF16)
         return fdma_set_error(FDMA_STATUS_UNSUPPORTED, "dtype: the CUDA forward runs fp16 and bf16, got fp32 (use "
@@ -130,9 +139,11 @@ extern "C" fdma_status fdma_cuda_fwd_plan(const fdma_params *p, fdma_plan *plan)
     fdma_params pa;
     fdma_cuda_window_params(&w, p, (void *)(uintptr_t)256, &pa);
     const int gather = fwd_use_gather(&pa);
-    snprintf(plan->name, sizeof(plan->name), "cuda_fwd_%s_d%d%s%s", p->dtype == FDMA_DTYPE_F16 ? "f16" : "bf16", dt,
-             w.mode == FDMA_WIN_SPARSE ? "_sparse" : w.mode == FDMA_WIN_MASK ? "_window" : "",
-             gather ? "_gather" : "");
+    /* the name ends with the kernel instantiation: its feature bits and warps x row blocks */
+    const int inst = fdma_fwd_inst(dt, fwd_features(&pa, w.mode == FDMA_WIN_SPARSE));
+    snprintf(plan->name, sizeof(plan->name), "cuda_fwd_%s_d%d%s%s_f%d_%dx%d", p->dtype == FDMA_DTYPE_F16 ? "f16" : "bf16",
+             dt, w.mode == FDMA_WIN_SPARSE ? "_sparse" : w.mode == FDMA_WIN_MASK ? "_window" : "", gather ? "_gather" : "",
+             inst, fdma_fwd_warps_f(dt, inst), fdma_fwd_mi_f(dt, inst));
     plan->variant = dt;
     plan->flags = gather;
     /* workspace: the selection; the gathered-key lists; then lse when the probabilities need it and the caller

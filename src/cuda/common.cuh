@@ -164,10 +164,28 @@ struct FdmaFwdParams {
     int ex_hdiv, ex_hmul;
 };
 
+/* Feature bits of a forward kernel instantiation (fwd_kernel.cuh): a clear bit compiles the feature out. MASK
+ * means mask tiles read per key tile; a row-broadcast mask whose kept keys are gathered needs only GATHER. */
+enum {
+    FDMA_F_MASK = 1, FDMA_F_BIAS = 2, FDMA_F_DROP = 4, FDMA_F_GATHER = 8, FDMA_F_CAP = 16, FDMA_F_ALL = 31,
+    FDMA_F_MB = FDMA_F_MASK | FDMA_F_BIAS, FDMA_F_BG = FDMA_F_BIAS | FDMA_F_GATHER
+};
+
+/* The instantiation that runs a call needing features f at head-dim tile dt: plain (0), mask + bias (W2: dense
+ * tiles with a mask and bias), bias + gather (W1, W1c: gathered keys, optional row-broadcast bias, top-k window
+ * lists), or the general one (31; the only one for dt > 128). The launcher and the plan's kernel name use it. */
+static constexpr int fdma_fwd_inst(int dt, int f) {
+    return dt > 128                                              ? FDMA_F_ALL
+           : f == 0                                              ? 0
+           : (f & ~FDMA_F_MB) == 0                               ? FDMA_F_MB
+           : ((f & FDMA_F_GATHER) && (f & ~FDMA_F_BG) == 0)      ? FDMA_F_BG
+                                                                 : FDMA_F_ALL;
+}
+
 /* Forward kernel shape for a head-dim tile: warps per CTA, 16-row blocks per warp (MI), query rows per CTA.
  * MI = 2 halves the shared-memory fragment traffic per MMA but needs 2x the accumulator registers: it fits
  * (no spills) for DT = 64; at DT = 128 the general and mask + bias instantiations use 8 warps x 1 block,
- * the plain one 4 x 2 (fdma_fwd_mi_f below). */
+ * the plain and bias + gather ones 4 x 2 (fdma_fwd_mi_f below). */
 #ifndef FDMA_FWD_D128_WARPS
 #define FDMA_FWD_D128_WARPS 8
 #endif
@@ -177,14 +195,18 @@ struct FdmaFwdParams {
 static constexpr int fdma_fwd_warps(int dt) { return dt == 64 ? 4 : dt == 128 ? FDMA_FWD_D128_WARPS : 4; }
 static constexpr int fdma_fwd_mi(int dt) { return dt == 64 ? 2 : dt == 128 ? FDMA_FWD_D128_MI : 1; }
 static constexpr int fdma_fwd_rows(int dt) { return 16 * fdma_fwd_warps(dt) * fdma_fwd_mi(dt); }
-/* The plain (feat 0) and mask + bias (feat 3) instantiations at DT <= 128 (fwd_kernel.cuh) compile the other
- * features out; with the registers that frees, DT = 128 can run FA2's 4 warps x 2 row blocks. Same rows per
- * CTA as the general instantiation (the plan's grid does not depend on the instantiation). */
+/* The plain (feat 0), mask + bias (feat 3) and bias + gather (feat 10) instantiations at DT <= 128
+ * (fwd_kernel.cuh) compile the other features out; with the registers that frees, DT = 128 can run FA2's 4 warps
+ * x 2 row blocks. Same rows per CTA as the general instantiation (the plan's grid and the top-k window's
+ * per-query-tile key lists do not depend on the instantiation). */
 #ifndef FDMA_FWD_D128_PLAIN_MI
 #define FDMA_FWD_D128_PLAIN_MI 2
 #endif
 #ifndef FDMA_FWD_D128_MB_MI
 #define FDMA_FWD_D128_MB_MI 1
+#endif
+#ifndef FDMA_FWD_D128_BG_MI
+#define FDMA_FWD_D128_BG_MI 2
 #endif
 /* D <= 64, every feature (dropout, softcap, gathered and sparse-window keys): 8 warps x 1 block; 4 x 2 spilled a
  * few bytes once the top-k window's visibility test and the device dropout seed were added. */
@@ -192,8 +214,8 @@ static constexpr int fdma_fwd_rows(int dt) { return 16 * fdma_fwd_warps(dt) * fd
 #define FDMA_FWD_D64_ALL_MI 1
 #endif
 static constexpr int fdma_fwd_mi_f(int dt, int feat) {
-    return dt == 128  ? (feat == 0 ? FDMA_FWD_D128_PLAIN_MI : FDMA_FWD_D128_MB_MI)
-           : dt == 64 ? (feat == 31 ? FDMA_FWD_D64_ALL_MI : fdma_fwd_mi(dt))
+    return dt == 128  ? (feat == 0 ? FDMA_FWD_D128_PLAIN_MI : feat == FDMA_F_BG ? FDMA_FWD_D128_BG_MI : FDMA_FWD_D128_MB_MI)
+           : dt == 64 ? (feat == FDMA_F_ALL ? FDMA_FWD_D64_ALL_MI : fdma_fwd_mi(dt))
                       : fdma_fwd_mi(dt);
 }
 static constexpr int fdma_fwd_warps_f(int dt, int feat) { return fdma_fwd_rows(dt) / (16 * fdma_fwd_mi_f(dt, feat)); }

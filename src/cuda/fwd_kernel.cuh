@@ -6,9 +6,10 @@
  * One CTA = one (batch b, query head h, tile of BR = 16*MI*NW query rows); each of the NW warps owns MI
  * blocks of 16 query rows. The kernel is instantiated per feature set FEAT (FDMA_F_* bits: mask, bias,
  * dropout, gathered keys, softcap; a clear bit compiles the feature out) and the launcher picks the smallest
- * that covers the call: plain (FEAT 0), mask + bias (W2), or all. Warps x row blocks (common.cuh):
- * D <= 64: 4 x 2; D <= 128: plain 4 x 2 (FA2's layout; it fits in 255 registers only without the other
- * features), mask + bias and general 8 x 1; larger: 4 x 1. BR is the same for all instantiations of a tile.
+ * that covers the call (fdma_fwd_inst): plain (FEAT 0), mask + bias (W2), bias + gather (W1, W1c), or all.
+ * Warps x row blocks (common.cuh): D <= 64: 4 x 2 (general 8 x 1); D <= 128: plain and bias + gather 4 x 2
+ * (FA2's layout; it fits in 255 registers only without the other features), mask + bias and general 8 x 1;
+ * larger: 4 x 1. BR is the same for all instantiations of a tile.
  * Key/value tiles of BC = 64 rows stream through shared memory (K and the mask double-buffered):
  *
  *   load Q (BR x DT) once; keep it in registers (MI = 1, DT <= 128) or re-read it from shared memory
@@ -34,7 +35,11 @@
  * Keys are addressed through key_row(n, r): dense, 64*n + r; gathered (p.gather, used for a mask whose rows
  * broadcast, e.g. (B, Hkv, 1, Sk)), the n-th 64 entries of the increasing list of kept keys of (b, h), so
  * that the cost is O(Sq * kept keys) instead of O(Sq * Sk). K and V rows are loaded by that index, one
- * cp.async per 16 bytes; causal and dropout use the key's own index. Dense keys with 16-byte aligned rows
+ * cp.async per 16 bytes; causal and dropout use the key's own index. The list entries of a tile reach shared
+ * memory by cp.async one tile before the K loader needs them (3 index slots), the gathered bias is loaded into a
+ * register at the top of the previous tile and stored as floats at its middle barrier, and per tile each warp
+ * turns (list position, key index, expiry) into one visibility bit word per key for its rows: the score loop
+ * tests 1 bit per element, and only when some word of the warp is not full. Dense keys with 16-byte aligned rows
  * (and row offsets below 2^31 elements) take the cheap loader: each thread walks one chunk column with a
  * 32-bit offset (25% fewer instructions in the dense kernel than indexing every chunk).
  *
@@ -46,10 +51,6 @@
 
 #include "common.cuh"
 
-
-/* Feature bits of a kernel instantiation: a bit that is clear compiles the feature out (the launcher picks the
- * smallest instantiation that covers the call), which frees registers and shared memory for the plain paths. */
-enum { FDMA_F_MASK = 1, FDMA_F_BIAS = 2, FDMA_F_DROP = 4, FDMA_F_GATHER = 8, FDMA_F_CAP = 16, FDMA_F_ALL = 31 };
 
 /* Tuning switches (bench/NOTES.md v7, v8 has the measurements). The generic (indexed) K/V loader in the
  * plain instantiation: unrolled (1: spills 68 bytes at D = 128) or rolled (0). */
@@ -86,14 +87,24 @@ template <int DT_, int NW_, int MI_, int FEAT_ = FDMA_F_ALL> struct FdmaFwdCfg {
     static constexpr int KV_BYTES = BC * DT * 2;
     static constexpr int BIAS_LD = BC + 8;     /* elements; the pad spreads rows over banks */
     static constexpr int MASK_LD = BC + 16;    /* bytes */
-    static constexpr int BIAS_BYTES = (FEAT_ & FDMA_F_BIAS) ? BR * BIAS_LD * 2 : 0;
+    /* an instantiation with GATHER and without MASK only ever runs gathered keys (fdma_fwd_inst) */
+    static constexpr bool G_ONLY = (FEAT_ & FDMA_F_GATHER) && !(FEAT_ & FDMA_F_MASK);
+    /* bias: a BR x BC tile (dense keys) or the gathered row of BC floats (it starts the same region) */
+    static constexpr int BIAS_BYTES = !(FEAT_ & FDMA_F_BIAS) ? 0 : G_ONLY ? BC * 4 : BR * BIAS_LD * 2;
     static constexpr int MASK_BYTES = (FEAT_ & FDMA_F_MASK) ? BR * MASK_LD : 0;
-    static constexpr int IDX_BYTES = (FEAT_ & FDMA_F_GATHER) ? 2 * 2 * 64 * 4 : 0; /* key index, expiry */
+    /* gathered keys: 3 slots of [64] key indices and [64] expiries, then [NW][64] visibility words */
+    static constexpr int IDX_BYTES = (FEAT_ & FDMA_F_GATHER) ? 3 * 2 * 64 * 4 + NW * 64 * 4 : 0;
     static constexpr int SMEM = Q_BYTES + 3 * KV_BYTES + BIAS_BYTES + 2 * MASK_BYTES + IDX_BYTES;
     static constexpr bool Q_IN_REGS = MI == 1 && DT <= 128;
     static_assert(DT % 64 == 0, "head-dim tile must be a multiple of 64 (swizzle groups of 8 chunks)");
 };
 
+
+/* 4-byte asynchronous copy global -> shared (zero-filled when src_bytes == 0: nothing is read). */
+__device__ __forceinline__ void fdma_cp_async4(void *smem, const void *gmem, int src_bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(fdma_smem_u32(smem)), "l"(gmem),
+                 "r"(src_bytes));
+}
 
 /* 8 scalar 16-bit loads -> one 16-byte value (the unaligned path). */
 __device__ __forceinline__ uint4 fdma_load8_scalar(const uint16_t *src, int count) {
@@ -119,10 +130,14 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
     uint8_t *sV = sK + 2 * C::KV_BYTES;
     uint16_t *sBias = reinterpret_cast<uint16_t *>(sV + C::KV_BYTES);
     uint8_t *sMask = sV + C::KV_BYTES + C::BIAS_BYTES;
-    /* sMask: two buffers (the next tile's mask is probed in place); sIdx: gathered keys, [2][64] key indices,
-       then [2][64] their expiry (SPARSE window) */
+    /* sMask: two buffers (the next tile's mask is probed in place). Gathered keys: the list entries of tile n
+       (key index; SPARSE window: and its expiry) in slot n % 3, copied with K(n - 1) (one tile ahead of their
+       use by the K loader); sVis: per warp, a word per key of the current tile, bit k = row wrow + k sees it;
+       sBiasG: the gathered (row-broadcast) bias of the current tile as floats */
     int *sIdx = reinterpret_cast<int *>(sMask + 2 * C::MASK_BYTES);
-    int *sExp = sIdx + 2 * 64;
+    int *sExp = sIdx + 3 * 64;
+    uint32_t *sVis = reinterpret_cast<uint32_t *>(sExp + 3 * 64);
+    float *sBiasG = reinterpret_cast<float *>(sBias);
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, qd = lane & 3;
     const int wrow = warp * 16 * MI; /* this warp's first row in the tile; block mi: wrow + 16 mi */
@@ -147,7 +162,7 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
     /* SPARSE window: this query tile's list of the keys any of its rows keeps, and their expiry (visibility
        j <= lim_i < e[j] per row, applied with the causal bound below) */
     const bool sparse = F_GATHER && p.ex_lists != nullptr;
-    const bool gather = F_GATHER && (p.gather != nullptr || sparse);
+    const bool gather = C::G_ONLY || (F_GATHER && (p.gather != nullptr || sparse));
     const int32_t *gl = nullptr;
     int nkeys = Sk; /* keys in the loop's index space */
     if (sparse) {
@@ -171,13 +186,12 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
     /* ---- loaders ---- */
     /* K/V row offsets (elements, rows up to Sk + 63) fit in 32 bits */
     const bool off32 = (int64_t)(Sk + 64) * (p.k_ss > p.v_ss ? p.k_ss : p.v_ss) < (int64_t)INT_MAX;
-    /* key index of row r of tile n (gathered: from the list, or from sIdx once the tile is issued) */
-    auto key_row = [&](int n, int r, const int *from_smem) -> int {
+    /* key index of row r of tile n (gathered: from the tile's index slot idx; Sk past the list) */
+    auto key_row = [&](int n, int r, const int *idx) -> int {
         if (!gather) return n * 64 + r;
-        if (n * 64 + r >= nkeys) return Sk;
-        return from_smem ? from_smem[r] : gl[n * 64 + r];
+        return n * 64 + r < nkeys ? idx[r] : Sk;
     };
-    auto load_rows = [&](uint8_t *dst_tile, const uint16_t *base, int64_t row_stride, int n, const int *from_smem) {
+    auto load_rows = [&](uint8_t *dst_tile, const uint16_t *base, int64_t row_stride, int n, const int *idx) {
         /* dense keys, 16-byte rows, and row offsets that fit in 32 bits: each thread walks one chunk column
            (rows r0, r0 + RSTEP, ...) with a 32-bit element offset */
         if constexpr (FDMA_FWD_FAST_LOAD && THREADS % CPR == 0 && (FDMA_FWD_FAST_MI2 || !(MI == 2 && DT >= 128))) {
@@ -201,7 +215,7 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
 #pragma unroll(LOAD_UNROLL)
         for (int it = 0; it < 64 * CPR / THREADS; it++) {
             const int c = tid + it * THREADS, r = c / CPR, ch = c % CPR;
-            const int j = key_row(n, r, from_smem);
+            const int j = key_row(n, r, idx);
             const bool ok = j < Sk && ch * 8 < D;
             uint8_t *dst = dst_tile + fdma_swz(r, ch, CPR);
             const uint16_t *src = base + (int64_t)j * row_stride + ch * 8;
@@ -294,22 +308,30 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
         return u0 | (r1 != r0 ? sg[(int64_t)r1 * p.s_si + n] : u0) << 8;
     };
     auto summary_status = [](int u) { return u == 0 ? 0 : (u == 0x202 ? 2 : 1); };
-    /* K of tile n into K buffer kb (gathered: and the tile's key indices into sIdx[kb]) */
-    auto issue_k = [&](int n, int kb) {
-        load_rows(sK + kb * C::KV_BYTES, kg, p.k_ss, n, nullptr);
-        if (gather && tid < 64) {
-            const int j = key_row(n, tid, nullptr);
-            sIdx[64 * kb + tid] = j < Sk ? j : INT_MAX;
-            if (sparse) sExp[64 * kb + tid] = j < Sk ? gl[p.ex_eoff + n * 64 + tid] : 0; /* e of the entry */
+    /* gathered keys: the list entries of tile n (key index; SPARSE: and its expiry e) into index slot s by 4-byte
+       cp.async; positions past the list are zero-filled, never read */
+    auto issue_idx = [&](int n, int s) {
+        if (tid < 64) {
+            const int pos = n * 64 + tid;
+            const bool ok = pos < nkeys;
+            fdma_cp_async4(sIdx + 64 * s + tid, gl + (ok ? pos : 0), ok ? 4 : 0);
+            if (sparse) fdma_cp_async4(sExp + 64 * s + tid, gl + (ok ? p.ex_eoff + pos : 0), ok ? 4 : 0);
         }
     };
+    /* K of tile n into K buffer kb; gathered keys: the tile's indices are in slot s (landed), and the list
+       entries of tile n + 1 go into the next slot in the same cp.async group */
+    auto issue_k = [&](int n, int kb, int s) {
+        load_rows(sK + kb * C::KV_BYTES, kg, p.k_ss, n, sIdx + 64 * s);
+        if (gather) issue_idx(n + 1, s == 2 ? 0 : s + 1);
+    };
+    /* gathered (row-broadcast) bias of key c = tid < 64 of the tile in slot s: loaded into gbias at the top of
+       the tile before, stored as a float by issue_aux after that tile's middle barrier */
+    uint16_t gbias = 0;
+    auto gather_bias = [&](int s) -> uint16_t { return bg[(int64_t)sIdx[64 * s + tid] * p.b_sj]; };
     /* bias and mask of tile n (status st) into their single buffers */
     auto issue_aux = [&](int n, int st, int kb) {
         if (gather) {
-            if (has_bias && tid < 64) { /* the (row-broadcast) bias by key index; sIdx was written by this thread */
-                const int j = sIdx[64 * kb + tid];
-                sBias[tid] = j < Sk ? bg[(int64_t)j * p.b_sj] : (uint16_t)0;
-            }
+            if (has_bias && tid < 64) sBiasG[tid] = fdma_to_float<T>(gbias);
         } else if (has_bias) {
             load_bias(n);
         }
@@ -360,18 +382,25 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
     int n = 0, st = 0;
     while (n < n_end && (st = status_now(n, 0)) == 0) n++;
     if (st < 0) n_end = n;
-    int kb = 0; /* K buffer (and sIdx half) of the current tile */
+    int kb = 0; /* K buffer of the current tile; gathered keys: index slot n % 3 (n = 0 here) */
     if (n < n_end) {
-        issue_k(n, kb);
+        if (gather) { /* the first tile's list entries (and bias) synchronously, once */
+            issue_idx(n, 0);
+            fdma_cp_async_commit();
+            fdma_cp_async_wait<0>();
+            __syncthreads();
+            if (has_bias && tid < 64) gbias = gather_bias(0);
+        }
+        issue_k(n, kb, 0);
         fdma_cp_async_commit();
         issue_aux(n, st, kb);
         fdma_cp_async_commit();
     }
-    /* Status of the tile after the current one is read one tile ahead: summary bytes or the first gathered
-       key (su). Except in probe mode, K of the next tile is issued at the top of the current one. */
+    /* Status of the tile after the current one is read one tile ahead: summary bytes (su) or the first key of
+       its index slot. Except in probe mode, K of the next tile is issued at the top of the current one. */
     const bool early = mask_mode != 2;
     int su = 0;
-    if (n + 1 < n_end) su = gather ? gl[(n + 1) * 64] : mask_mode == 1 ? summary_raw(n + 1) : 0;
+    if (mask_mode == 1 && n + 1 < n_end) su = summary_raw(n + 1);
 
     float o[MI][DT / 8][4];
 #pragma unroll
@@ -403,7 +432,8 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
         fdma_cp_async_wait<1>();
         __syncthreads();
         const uint8_t *sKc = sK + kb * C::KV_BYTES;
-        const int *sI = sIdx + 64 * kb, *sE = sExp + 64 * kb;
+        const int ib = n % 3, ibn = ib == 2 ? 0 : ib + 1; /* index slots of tiles n and n + 1 (gathered) */
+        const int *sI = sIdx + 64 * ib, *sE = sExp + 64 * ib;
         load_rows(sV, vg, p.v_ss, n, sI);
         fdma_cp_async_commit();
 
@@ -412,18 +442,20 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
         int after_v = 0; /* groups committed after V(n) */
         if (early) {
             if (nn < n_end) {
-                st_next = gather ? ((!p.causal || su <= jmax) ? 2 : -1) : mask_mode == 0 ? 2 : summary_status(su);
+                st_next = gather ? ((!p.causal || sIdx[64 * ibn] <= jmax) ? 2 : -1)
+                                 : mask_mode == 0 ? 2 : summary_status(su);
                 while (st_next == 0) {
                     if (++nn >= n_end) break;
                     st_next = status_now(nn, kb ^ 1);
                 }
                 if (st_next < 0) n_end = nn;
                 if (nn < n_end) {
-                    issue_k(nn, kb ^ 1);
+                    issue_k(nn, kb ^ 1, ibn);
                     fdma_cp_async_commit();
                     k_pending = true;
                     after_v = 1;
-                    if (nn + 1 < n_end) su = gather ? gl[(nn + 1) * 64] : mask_mode == 1 ? summary_raw(nn + 1) : 0;
+                    if (gather && has_bias && tid < 64) gbias = gather_bias(ibn); /* lands during this tile */
+                    if (mask_mode == 1 && nn + 1 < n_end) su = summary_raw(nn + 1);
                 }
             }
         } else if (nn < n_end) {
@@ -431,11 +463,39 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
             fdma_cp_async_commit();
             after_v = 1;
             if (FDMA_FWD_SPEC_K) { /* K of the next tile, in case the probe finds it active */
-                issue_k(nn, kb ^ 1);
+                issue_k(nn, kb ^ 1, 0);
                 fdma_cp_async_commit();
                 k_pending = true;
                 after_v = 2;
             }
+        }
+
+        /* Gathered keys: this warp's visibility word of each key c of the tile, bit k = row i0 + wrow + k sees it:
+           c is in the list, j <= lim and (SPARSE) lim < e, with lim = i - Sq + Sk (causal) or Sk - 1. The score
+           loop below tests the bits only when some word of the warp is not full (tail, diagonal, expiring keys). */
+        bool vis_all = true;
+        if (gather) {
+            constexpr int ROWS = 16 * MI;
+            constexpr uint32_t FULL = 0xffffffffu >> (32 - ROWS);
+            const int L0 = i0 + wrow - Sq + Sk; /* lim of row k: L0 + k */
+            bool full = true;
+#pragma unroll
+            for (int hc = 0; hc < 2; hc++) {
+                const int c = lane + 32 * hc;
+                uint32_t wd = 0;
+                if (n * 64 + c < nkeys) {
+                    if (!p.causal) {
+                        wd = (!sparse || sE[c] >= Sk) ? FULL : 0u;
+                    } else {
+                        const int lo = max(sI[c] - L0, 0), hi = sparse ? min(sE[c] - L0, ROWS) : ROWS;
+                        wd = lo < hi ? (0xffffffffu >> (32 - hi)) & (0xffffffffu << lo) : 0u;
+                    }
+                }
+                sVis[64 * warp + c] = wd;
+                full = full && wd == FULL;
+            }
+            vis_all = __all_sync(0xffffffffu, full);
+            __syncwarp();
         }
 
         /* S = Q K^T: per 16-column step kk, the K fragments are loaded once and used by all MI row blocks */
@@ -492,30 +552,40 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
             const float mul = has_cap ? p.scale * p.inv_softcap : fused ? p.scale : p.scale_log2;
             const float cap = p.softcap * FDMA_LOG2E;
             if (has_bias) {
-                /* bias fragments by ldmatrix (the C layout of two n8 tiles is the A layout of one k16 step);
-                   a broadcast bias row: every lane addresses row 0 */
                 const float bmul = fused ? 1.f : FDMA_LOG2E;
+                auto add_bias = [&](float &x, float bv) {
+                    x = has_cap ? fmaf(cap, tanhf(x * mul), bv * bmul) : fmaf(x, mul, bv * bmul);
+                };
+                if (gather) { /* the gathered row: this thread's two keys of each n8 tile, for all its rows */
 #pragma unroll
-                for (int mi = 0; mi < MI; mi++)
+                    for (int t = 0; t < 8; t++) {
+                        const float2 bv = reinterpret_cast<const float2 *>(sBiasG)[4 * t + qd];
 #pragma unroll
-                    for (int u = 0; u < 4; u++) {
-                        const int rl = p.b_rows_bcast ? 0 : wrow + 16 * mi + (lane & 15);
-                        uint32_t bw[4];
-                        fdma_ldmatrix_x4(bw, sBias + rl * C::BIAS_LD + (2 * u + (lane >> 4)) * 8);
+                        for (int mi = 0; mi < MI; mi++)
 #pragma unroll
-                        for (int x = 0; x < 4; x++) {
-                            float *sv = &s[mi][2 * u + (x >> 1)][2 * (x & 1)];
-                            const float b0 = fdma_to_float<T>((uint16_t)(bw[x] & 0xffffu)) * bmul;
-                            const float b1 = fdma_to_float<T>((uint16_t)(bw[x] >> 16)) * bmul;
-                            if (has_cap) {
-                                sv[0] = fmaf(cap, tanhf(sv[0] * mul), b0);
-                                sv[1] = fmaf(cap, tanhf(sv[1] * mul), b1);
-                            } else {
-                                sv[0] = fmaf(sv[0], mul, b0);
-                                sv[1] = fmaf(sv[1], mul, b1);
+                            for (int r = 0; r < 2; r++) {
+                                add_bias(s[mi][t][2 * r], bv.x);
+                                add_bias(s[mi][t][2 * r + 1], bv.y);
+                            }
+                    }
+                } else {
+                    /* bias fragments by ldmatrix (the C layout of two n8 tiles is the A layout of one k16 step);
+                       a broadcast bias row: every lane addresses row 0 */
+#pragma unroll
+                    for (int mi = 0; mi < MI; mi++)
+#pragma unroll
+                        for (int u = 0; u < 4; u++) {
+                            const int rl = p.b_rows_bcast ? 0 : wrow + 16 * mi + (lane & 15);
+                            uint32_t bw[4];
+                            fdma_ldmatrix_x4(bw, sBias + rl * C::BIAS_LD + (2 * u + (lane >> 4)) * 8);
+#pragma unroll
+                            for (int x = 0; x < 4; x++) {
+                                float *sv = &s[mi][2 * u + (x >> 1)][2 * (x & 1)];
+                                add_bias(sv[0], fdma_to_float<T>((uint16_t)(bw[x] & 0xffffu)));
+                                add_bias(sv[1], fdma_to_float<T>((uint16_t)(bw[x] >> 16)));
                             }
                         }
-                    }
+                }
             } else {
 #pragma unroll
                 for (int mi = 0; mi < MI; mi++)
@@ -541,24 +611,19 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
                     }
         }
         if (gather) {
-            /* tail: list positions >= nkeys; causal: the key's own index against the row's limit lim; SPARSE
-               window: also lim < e[key] (the key is still among the row's top-w) */
-            const bool diag = p.causal && sI[63] > i0 + wrow - Sq + Sk;
-            if (j0 + 64 > nkeys || diag || sparse) {
+            if (!vis_all) { /* row g + 16 mi + 8 r of the warp is bit 16 mi + 8 r of the word shifted by g */
 #pragma unroll
-                for (int mi = 0; mi < MI; mi++)
+                for (int t = 0; t < 8; t++) {
+                    const uint2 w2 = *reinterpret_cast<const uint2 *>(sVis + 64 * warp + t * 8 + 2 * qd);
+                    const uint32_t wa = w2.x >> g, wb = w2.y >> g;
 #pragma unroll
-                    for (int r = 0; r < 2; r++) {
-                        const int lim = p.causal ? row0 + 16 * mi + 8 * r - Sq + Sk : Sk - 1;
+                    for (int mi = 0; mi < MI; mi++)
 #pragma unroll
-                        for (int t = 0; t < 8; t++)
-#pragma unroll
-                            for (int u = 0; u < 2; u++) {
-                                const int jl = t * 8 + 2 * qd + u;
-                                if (j0 + jl >= nkeys || sI[jl] > lim || (sparse && lim >= sE[jl]))
-                                    s[mi][t][2 * r + u] = -INFINITY;
-                            }
-                    }
+                        for (int r = 0; r < 2; r++) {
+                            if (!((wa >> (16 * mi + 8 * r)) & 1u)) s[mi][t][2 * r] = -INFINITY;
+                            if (!((wb >> (16 * mi + 8 * r)) & 1u)) s[mi][t][2 * r + 1] = -INFINITY;
+                        }
+                }
             }
         } else if (j0 + 64 > Sk || (p.causal && j0 + 63 > i0 + wrow - Sq + Sk)) { /* tail or diagonal tile */
 #pragma unroll
@@ -684,7 +749,7 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
                     st_next = status_now(nn, kb ^ 1);
                 }
                 if (nn < n_end) {
-                    if (!k_issued) issue_k(nn, kb ^ 1);
+                    if (!k_issued) issue_k(nn, kb ^ 1, 0);
                     fdma_cp_async_commit();
                     issue_aux(nn, st_next, kb ^ 1);
                     fdma_cp_async_commit();
@@ -778,27 +843,32 @@ static fdma_status fdma_fwd_launch_t(const FdmaFwdParams &kp, cudaStream_t strea
 }
 
 
-/* Features a call needs (FDMA_F_* bits). */
+/* Features a call needs (FDMA_F_* bits); a gathered row-broadcast mask reads no mask tiles. */
 static inline int fdma_fwd_features(const FdmaFwdParams &kp) {
-    return (kp.mask ? FDMA_F_MASK : 0) | (kp.bias ? FDMA_F_BIAS : 0) | (kp.dropout ? FDMA_F_DROP : 0) |
-           ((kp.gather || kp.ex_lists) ? FDMA_F_GATHER : 0) | (kp.softcap > 0.f ? FDMA_F_CAP : 0);
+    const bool gather = kp.gather || kp.ex_lists;
+    return (kp.mask && !gather ? FDMA_F_MASK : 0) | (kp.bias ? FDMA_F_BIAS : 0) | (kp.dropout ? FDMA_F_DROP : 0) |
+           (gather ? FDMA_F_GATHER : 0) | (kp.softcap > 0.f ? FDMA_F_CAP : 0);
 }
 
-/* One head-dim tile, one dtype: the plain instantiation (no mask, bias, dropout, softcap, gather), the
- * mask + bias one (W2: dense tiles with a full mask and bias), or the general one. DT > 128 has only the
- * general one. Warps and row blocks per instantiation: fdma_fwd_warps_f / fdma_fwd_mi_f (common.cuh). */
+/* One instantiation FEAT of a head-dim tile at its warps x row blocks (fdma_fwd_warps_f / fdma_fwd_mi_f). */
+template <typename T, int DT, int FEAT>
+static fdma_status fdma_fwd_launch_f(const FdmaFwdParams &kp, cudaStream_t stream, const char *name) {
+    return fdma_fwd_launch_t<T, DT, fdma_fwd_warps_f(DT, FEAT), fdma_fwd_mi_f(DT, FEAT), FEAT>(kp, stream, name);
+}
+
+/* One head-dim tile, one dtype: the instantiation fdma_fwd_inst picks (common.cuh). DT > 128 has only the
+ * general one. */
 template <typename T, int DT>
 static fdma_status fdma_fwd_launch_dt(const FdmaFwdParams &kp, cudaStream_t stream, const char *name) {
-    constexpr int MB = FDMA_F_MASK | FDMA_F_BIAS;
-    const int f = fdma_fwd_features(kp);
     if constexpr (DT <= 128) {
-        if (f == 0)
-            return fdma_fwd_launch_t<T, DT, fdma_fwd_warps_f(DT, 0), fdma_fwd_mi_f(DT, 0), 0>(kp, stream, name);
-        if ((f & ~MB) == 0)
-            return fdma_fwd_launch_t<T, DT, fdma_fwd_warps_f(DT, MB), fdma_fwd_mi_f(DT, MB), MB>(kp, stream, name);
+        switch (fdma_fwd_inst(DT, fdma_fwd_features(kp))) {
+        case 0: return fdma_fwd_launch_f<T, DT, 0>(kp, stream, name);
+        case FDMA_F_MB: return fdma_fwd_launch_f<T, DT, FDMA_F_MB>(kp, stream, name);
+        case FDMA_F_BG: return fdma_fwd_launch_f<T, DT, FDMA_F_BG>(kp, stream, name);
+        default: break;
+        }
     }
-    return fdma_fwd_launch_t<T, DT, fdma_fwd_warps_f(DT, FDMA_F_ALL), fdma_fwd_mi_f(DT, FDMA_F_ALL), FDMA_F_ALL>(
-        kp, stream, name);
+    return fdma_fwd_launch_f<T, DT, FDMA_F_ALL>(kp, stream, name);
 }
 
 #define FDMA_DEFINE_FWD_LAUNCHER(DT)                                                                         \

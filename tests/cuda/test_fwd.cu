@@ -9,12 +9,15 @@
  *
  * with the SPEC section 8 rule: max|x - ref| <= 2 * max|torch - ref| + 1e-5 for out, lse and probs. The
  * dropout keep bits of the reference come from src/philox.h evaluated on the host (the CPU backend's code),
- * so a pass also proves that the kernel's bits equal the CPU path's. Outputs are NaN-poisoned before
- * each run; inputs are fresh normal draws per case.
+ * so a pass also proves that the kernel's bits equal the CPU path's. With a top-k window (SPEC section 6) the
+ * reference attends to the keep mask of fdma_cuda_create_mask (the exact selection, materialised), while the
+ * forward runs its own path (SPARSE lists or the workspace mask). Outputs are NaN-poisoned before each run;
+ * inputs are fresh normal draws per case. Each line names the plan's kernel, ending with the instantiation that
+ * ran ("_f<feature bits>_<warps>x<row blocks>", api_cuda.cu).
  *
  * Build and run (from the repository root):
  *   nvcc -O3 -std=c++17 -gencode arch=compute_90,code=sm_90 -Iinclude -Isrc \
- *        src/cuda/fwd*.cu src/cuda/api_cuda.cu tests/cuda/test_fwd.cu -o test_fwd
+ *        src/cuda/fwd*.cu src/cuda/api_cuda.cu src/cuda/window.cu src/cuda/topk*.cu tests/cuda/test_fwd.cu -o test_fwd
  *   ./test_fwd            all cases          ./test_fwd --small    a few small cases (compute-sanitizer)
  *   ./test_fwd --bench [N]  C-level timing: cudaEvents around fdma_cuda_fwd_run, median of 100 runs
  *                           (N: only workload N)
@@ -220,6 +223,7 @@ struct Case {
     int probs;          /* 1: probs; 2: probs with lse = NULL */
     int bias_neginf;    /* scatter -inf into the bias */
     float keep;
+    int window;         /* top-k window (keep_window_size), 0 = off */
 };
 /* mask/bias dims code: 1 (B,H,Sq,Sk), 2 (B,Hkv,1,Sk), 3 (1,1,Sq,Sk), 4 (B,1,1,Sk), 5 (1,H,Sq,Sk),
  * 6 (B,Hkv,Sq,Sk), 7 (B,H,1,Sk) */
@@ -310,6 +314,27 @@ static int run_case(const Case &c, uint64_t seed) {
         p.bias.stride[0] = pitch * dim[2] * dim[1];
         bview.ptr = p.bias.ptr;
         memcpy(bview.dim, p.bias.dim, 32); memcpy(bview.stride, p.bias.stride, 32);
+    }
+    uint8_t *kbuf = nullptr;
+    if (c.window) { /* the reference attends to the keep mask of the selection; the forward gets the window */
+        p.window = c.window;
+        fdma_topk_params t;
+        memset(&t, 0, sizeof(t));
+        t.device = FDMA_DEVICE_CUDA; t.dtype = p.dtype; t.Sq = c.Sq; t.Sk = c.Sk;
+        t.bias = p.bias; t.mask = p.mask; t.causal = c.causal; t.window = c.window;
+        const int64_t m0 = p.mask.ptr ? p.mask.dim[0] : 1, m1 = p.mask.ptr ? p.mask.dim[1] : 1;
+        const int64_t dim[4] = {std::max(p.bias.dim[0], m0), std::max(p.bias.dim[1], m1), c.Sq, c.Sk};
+        CK(cudaMalloc(&kbuf, dim[0] * dim[1] * dim[2] * dim[3]));
+        t.out = kbuf;
+        memcpy(t.out_dim, dim, 32);
+        t.out_stride[3] = 1; t.out_stride[2] = dim[3]; t.out_stride[1] = dim[3] * dim[2];
+        t.out_stride[0] = dim[3] * dim[2] * dim[1];
+        if (fdma_cuda_create_mask(&t) != FDMA_STATUS_OK) {
+            printf("FAIL %-34s create_mask: %s\n", c.name, g_err);
+            return 1;
+        }
+        mview.ptr = kbuf;
+        memcpy(mview.dim, t.out_dim, 32); memcpy(mview.stride, t.out_stride, 32);
     }
     float *lse = nullptr;
     uint16_t *probs = nullptr;
@@ -415,7 +440,7 @@ static int run_case(const Case &c, uint64_t seed) {
             ok = ok && sp.ok;
             snprintf(extra, sizeof(extra), " probs %.2e (torch %.2e)", sp.err, sp.terr);
         }
-        printf("%s %-34s %-20s%s out %.2e (torch %.2e, rel %.1e) lse %.2e (torch %.2e) empty rows %lld%s\n",
+        printf("%s %-34s %-40s%s out %.2e (torch %.2e, rel %.1e) lse %.2e (torch %.2e) empty rows %lld%s\n",
                ok ? "ok  " : "FAIL", c.name, plan.name, use_summary ? " +summary" : "", so.err, so.terr,
                so.err / (so.refmax > 0 ? so.refmax : 1), sl.err, sl.terr, (long long)empty, extra);
         fails += !ok;
@@ -427,6 +452,7 @@ static int run_case(const Case &c, uint64_t seed) {
     cudaFree(q.buf); cudaFree(k.buf); cudaFree(v.buf); cudaFree(o.buf);
     if (mbuf) cudaFree(mbuf);
     if (bbuf) cudaFree(bbuf);
+    if (kbuf) cudaFree(kbuf);
     cudaFree(lse);
     if (probs) cudaFree(probs);
     if (keep) cudaFree(keep);
@@ -468,7 +494,7 @@ static int check_refusals() {
 
 /* ---- C-level timing (BENCHMARKS.md workloads, bf16, causal) ---- */
 static void bench(int only) {
-    struct W { const char *name; int B, H, Hkv, S, D, form, w, summary; };
+    struct W { const char *name; int B, H, Hkv, S, D, form, w, summary, topk; }; /* topk: bias only, window w */
     const W ws[] = {
         {"dense Sk=4K", 1, 16, 4, 4096, 128, 0, 0},   {"dense Sk=16K", 1, 16, 4, 16384, 128, 0, 0},
         {"W1 Sk=4K w=1024", 1, 16, 4, 4096, 128, 2, 1024}, {"W1 Sk=16K w=1024", 1, 16, 4, 16384, 128, 2, 1024},
@@ -476,8 +502,11 @@ static void bench(int only) {
         {"dense B2 H16 D64 Sk=8K", 2, 16, 16, 8192, 64, 0, 0}, {"W1 B2 H16 D64 Sk=8K w=2048", 2, 16, 16, 8192, 64, 2, 2048},
         /* W2 with the mask summary computed once outside the timing (the caller's reuse across layers) */
         {"W2 Sk=4K w=1024 +summary", 1, 16, 4, 4096, 128, 6, 1024, 1}, {"W2 Sk=16K w=1024 +summary", 1, 16, 4, 16384, 128, 6, 1024, 1},
+        /* W1c: causal per-key bias (B, Hkv, 1, Sk), top-1024 per row (selection included in the time) */
+        {"W1c Sk=4K w=1024", 1, 16, 4, 4096, 128, 2, 1024, 0, 1}, {"W1c Sk=16K w=1024", 1, 16, 4, 16384, 128, 2, 1024, 0, 1},
     };
-    printf("\n%-30s %10s %10s %12s\n", "workload (C harness)", "ms", "TFLOP/s", "useful TF/s");
+    printf("\n%-30s %10s %10s %12s   %s\n", "workload (C harness)", "ms", "TFLOP/s", "useful TF/s",
+           "kernel (plan name: ..._f<feature bits>_<warps>x<row blocks> = the instantiation)");
     for (int wi = 0; wi < (int)(sizeof(ws) / sizeof(ws[0])); wi++) {
         const W &w = ws[wi];
         if (only >= 0 && wi != only) continue;
@@ -518,6 +547,11 @@ static void bench(int only) {
             p.mask.stride[1] = p.bias.stride[1] = dim[3] * dim[2];
             p.mask.stride[0] = p.bias.stride[0] = dim[3] * dim[2] * dim[1];
             useful_frac = (double)w.w / w.S * 0.5;
+            if (w.topk) { /* about w keys for every row */
+                memset(&p.mask, 0, sizeof(p.mask));
+                p.window = w.w;
+                useful_frac = (double)w.w / w.S;
+            }
         }
         uint8_t *summ = nullptr;
         if (w.summary) {
@@ -568,7 +602,7 @@ int main(int argc, char **argv) {
         bench(argc > 2 ? atoi(argv[2]) : -1); /* --bench N: only workload N (for a profiler) */
         return 0;
     }
-    /*                 name                          B  H Hkv  Sq    Sk    D bf16 caus mask bias cap  pdrop lay pad off mmode summ probs ninf keep */
+    /*                 name                          B  H Hkv  Sq    Sk    D bf16 caus mask bias cap  pdrop lay pad off mmode summ probs ninf keep win */
     const Case cases[] = {
         {"plain 113x257 d64",                        2, 4, 4,  113,  257,  64, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.5f},
         {"Sq=1 Sk=1000 d128 GQA 8:1 f16",            2, 8, 1,    1, 1000, 128, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.5f},
@@ -597,8 +631,18 @@ int main(int argc, char **argv) {
         {"plain 300x1500 d96 f16",                   1, 4, 4,  300, 1500,  96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.5f},
         {"mask (1,1,Sq,Sk) row bias (B,1,1,Sk) d128", 2, 4, 2,  333,  700, 128, 1, 1, 3, 4, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0.4f},
         {"W2 mask+bias (B,Hkv,Sq,Sk) d128 sparse",    1, 4, 2,  500, 2000, 128, 1, 1, 6, 6, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0.05f},
+        /* gathered keys through the bias + gather instantiation (f10): padded D, Sq != Sk, GQA/MQA, -inf bias */
+        {"gather bias d40 causal GQA 2:1 200x777",    2, 4, 2,  200,  777,  40, 1, 1, 2, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.3f},
+        {"gather bias (B,H,1,Sk) d128 MQA 333x200 f16", 1, 4, 1, 333, 200, 128, 0, 0, 4, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.6f},
+        {"gather -inf bias d64 causal Sq>Sk 500x300", 1, 8, 2,  500,  300,  64, 1, 1, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0.5f},
+        /* top-k window: SPARSE lists (causal per-key bias) in f10, f31 with dropout; non-causal: gathered mask */
+        {"W1c window 64 (B,Hkv,1,Sk) d128 GQA 4:1",  2, 8, 2,  300, 1000, 128, 1, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.5f, 64},
+        {"W1c window 100 base mask d40 Sq>Sk f16",   1, 4, 4,  333,  257,  40, 0, 1, 4, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.7f, 100},
+        {"W1c window 200 -inf bias d64 129x300",     1, 2, 1,  129,  300,  64, 1, 1, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0.5f, 200},
+        {"W1c window 64 dropout d128",               1, 2, 1,  200,  600, 128, 1, 1, 0, 2, 0, 0.1f, 0, 0, 0, 0, 0, 0, 0, 0.5f, 64},
+        {"window 50 non-causal (B,Hkv,1,Sk) d128",   1, 4, 2,  100,  700, 128, 1, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.5f, 50},
     };
-    const int small_set[] = {0, 4, 8, 11, 12, 18, 22};
+    const int small_set[] = {0, 4, 8, 11, 12, 18, 22, 27, 30};
     int fails = check_refusals();
     int n = small ? (int)(sizeof(small_set) / sizeof(int)) : (int)(sizeof(cases) / sizeof(cases[0]));
     for (int t = 0; t < n; t++) {
