@@ -21,15 +21,15 @@ namespace fdma_bwdk {
  *   warp w owns keys 16 (w % 4) .. + 15 and columns [kDp/2 (w / 4), + kDp/2) of the key side:
  *   dV_t = (P z / (1 - p_drop))^T dO and dK_t = dS^T Q summed over the 128 queries, added with 16-byte
  *   atomics into the fp32 (B, Hkv, Sk, D) accumulators (one atomic per key element per 128 queries).
- * Pipeline: K (with the tile's key index, expiry and bias) double-buffered and issued one tile ahead; V
- * single-buffered, issued once every warp is past dP of the tile before (the key side runs under it).
+ * Pipeline: K and V (with the tile's key index, expiry and bias) double-buffered, issued one tile ahead (one
+ * CTA per SM: the registers allow no second one, so shared memory is spent on buffers).
  * Work O(Sq * (w + 128)) instead of O(Sq * Sk); the atomics make it non-deterministic (deterministic=1 runs the
  * dkdv and dq kernels with the expiry visibility instead). */
 template <int kDp> struct SparseSmem {
     static constexpr int kBM = kBwdSparseTileM, kBN = 64, kWarps = kBM / 16;
     static constexpr int kPS = kBN + 8; /* row stride (elements) of the P and dS tiles: ldmatrix conflict-free */
     static constexpr size_t bytes_of(size_t esz) {
-        return esz * ((2 * (size_t)kBM + 3 * kBN) * kDp + 2 * (size_t)kBM * kPS) +
+        return esz * ((2 * (size_t)kBM + 4 * kBN) * kDp + 2 * (size_t)kBM * kPS) +
                2 * kBN * (2 * sizeof(int) + sizeof(float));
     }
 };
@@ -125,8 +125,8 @@ __global__ void __launch_bounds__(32 * SparseSmem<kDp>::kWarps, 1) sparse_kernel
     T *sQ = reinterpret_cast<T *>(smem);
     T *sdO = sQ + kBM * kDp;
     T *sK = sdO + kBM * kDp; /* [2][kBN][kDp] */
-    T *sV = sK + 2 * kBN * kDp; /* [kBN][kDp] */
-    T *sP = sV + kBN * kDp;     /* [kBM][kPS]: P z / (1 - p_drop) */
+    T *sV = sK + 2 * kBN * kDp; /* [2][kBN][kDp] */
+    T *sP = sV + 2 * kBN * kDp; /* [kBM][kPS]: P z / (1 - p_drop) */
     T *sdS = sP + kBM * kPS;    /* [kBM][kPS]: dS (softcap factor applied) */
     int *sIdx = reinterpret_cast<int *>(sdS + kBM * kPS); /* [2][kBN] key index of each tile row (>= Sk: none) */
     int *sExp = sIdx + 2 * kBN;                                    /* [2][kBN] its expiry */
@@ -152,17 +152,16 @@ __global__ void __launch_bounds__(32 * SparseSmem<kDp>::kWarps, 1) sparse_kernel
     load_rows<T, kBM, kDp, kThreads>(sdO, (const T *)a.dout + b * a.dos[0] + (int64_t)h * a.dos[2] + i0 * a.dos[1],
                                      a.dos[1], a.Sq - i0, a.D);
     constexpr int kCh = kDp / 8;
-    /* rows of key tile nb: K (and V when with_v) by list index into buffer buf, plus index, expiry and bias */
-    auto load_k = [&](int nb, int buf, bool with_v) {
-        T *dk_ = sK + buf * kBN * kDp;
+    /* rows of key tile nb: K and V by list index into buffer buf, plus index, expiry and bias */
+    auto load_kv = [&](int nb, int buf) {
+        T *dk_ = sK + buf * kBN * kDp, *dv_ = sV + buf * kBN * kDp;
 #pragma unroll 4
         for (int c = threadIdx.x; c < kBN * kCh; c += kThreads) {
             const int rr = c / kCh, ch = c % kCh, pos = nb * kBN + rr;
             const int j = pos < nkeys ? __ldg(list + pos) : -1;
             const bool pred = j >= 0 && ch * 8 < a.D;
             fdma_cp_async16(dk_ + swz<kDp>(rr, ch), pred ? gk + (int64_t)j * a.ks[1] + ch * 8 : gk, pred ? 16 : 0);
-            if (with_v)
-                fdma_cp_async16(sV + swz<kDp>(rr, ch), pred ? gv + (int64_t)j * a.vs[1] + ch * 8 : gv, pred ? 16 : 0);
+            fdma_cp_async16(dv_ + swz<kDp>(rr, ch), pred ? gv + (int64_t)j * a.vs[1] + ch * 8 : gv, pred ? 16 : 0);
             if (ch == 0) {
                 sIdx[buf * kBN + rr] = j >= 0 ? j : INT_MAX;
                 sExp[buf * kBN + rr] = j < 0 ? 0 : elist ? __ldg(elist + pos) : INT_MAX;
@@ -170,16 +169,7 @@ __global__ void __launch_bounds__(32 * SparseSmem<kDp>::kWarps, 1) sparse_kernel
             }
         }
     };
-    auto load_v = [&](int nb) {
-#pragma unroll 4
-        for (int c = threadIdx.x; c < kBN * kCh; c += kThreads) {
-            const int rr = c / kCh, ch = c % kCh, pos = nb * kBN + rr;
-            const int j = pos < nkeys ? __ldg(list + pos) : -1;
-            const bool pred = j >= 0 && ch * 8 < a.D;
-            fdma_cp_async16(sV + swz<kDp>(rr, ch), pred ? gv + (int64_t)j * a.vs[1] + ch * 8 : gv, pred ? 16 : 0);
-        }
-    };
-    if (nN > 0) load_k(0, 0, true);
+    if (nN > 0) load_kv(0, 0);
     fdma_cp_async_commit();
 
     float lse_r[2], di_r[2];
@@ -194,17 +184,15 @@ __global__ void __launch_bounds__(32 * SparseSmem<kDp>::kWarps, 1) sparse_kernel
 #pragma unroll
         for (int e = 0; e < 4; e++) acc[n][e] = 0.f;
 
-    /* cp.async groups, in order: {K, V of tile 0}, then per tile nb: {K of nb + 1} at the top, {V of nb + 1}
-       after the P/dS barrier; waiting for all but the newest at the top of nb leaves K(nb) and V(nb) landed */
     for (int nb = 0; nb < nN; nb++) {
         const int buf = nb & 1;
         __syncthreads(); /* every warp is done with tile nb - 1 (its K buffer, sP, sdS) */
-        if (nb + 1 < nN) load_k(nb + 1, buf ^ 1, false);
+        if (nb + 1 < nN) load_kv(nb + 1, buf ^ 1);
         fdma_cp_async_commit();
         fdma_cp_async_wait<1>();
         __syncthreads();
         const int *sI = sIdx + buf * kBN;
-        const T *sKb = sK + buf * kBN * kDp;
+        const T *sKb = sK + buf * kBN * kDp, *sVb = sV + buf * kBN * kDp;
         const int *sEb = sExp + buf * kBN;
         const float *sBb = sBv + buf * kBN;
 
@@ -232,7 +220,7 @@ __global__ void __launch_bounds__(32 * SparseSmem<kDp>::kWarps, 1) sparse_kernel
         store_ctile<T, kPS>(sP, s, row0, lane,
                             [&](int n, int e) { return ((keep >> (4 * n + e)) & 1) ? a.drop_scale : 0.f; });
         float dp[8][4];
-        gemm_rows_bt<T, kDp, 8>(dp, sdO, row0, sV, ksteps, L); /* dP = dO V^T */
+        gemm_rows_bt<T, kDp, 8>(dp, sdO, row0, sVb, ksteps, L); /* dP = dO V^T */
         dp_to_ds<false, 8>(a, dp, s, keep, row0, lane, [&](int il) { return di_r[(il - row0) >> 3]; });
         if (dbrow) { /* column sums of dS over this warp's 16 rows */
 #pragma unroll
@@ -258,9 +246,7 @@ __global__ void __launch_bounds__(32 * SparseSmem<kDp>::kWarps, 1) sparse_kernel
         uint32_t da[4][4];
         to_afrag<T, 8>(da, dp, [](int, int) { return 1.f; });
         gemm_regs_b<T, kDp, 8>(acc, da, sKb, ksteps, L); /* dQ += dS K */
-        __syncthreads();                                  /* P and dS tiles complete; every warp is past dP */
-        if (nb + 1 < nN) load_v(nb + 1);
-        fdma_cp_async_commit();
+        __syncthreads();                                  /* P and dS tiles complete */
         sparse_key_tile<T, kDp, kBM / 16, kPS>(a, sP, sdS, sQ, sdO, sI, dvrow, dkrow, warp, L, lane);
     }
     fdma_cp_async_wait<0>();
