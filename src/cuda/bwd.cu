@@ -6,7 +6,8 @@
  *   1. di_kernel:       Di[b,h,i] = dout[b,i,h,:] . out[b,i,h,:]                    (fp32, workspace)
  *   2. memset           dq accumulator (default mode) and dbias accumulator (broadcast bias) to 0
  *   0. top-k window     the selection (window.cuh): the keep mask, or the SPARSE expiry and key lists
- *   3. dkdv kernel      dk, dv (or per-query-head fp32 partials), dbias, dq atomics (bwd_common.cuh)
+ *   3. dkdv kernel      dk, dv (or per-query-head fp32 partials), dbias, dq atomics (bwd_common.cuh; the calls
+ *                       without dropout, softcap or window in the default mode: bwd_dense.cuh's one-pass kernel)
  *      dq kernel        deterministic mode only: dq rows owned by one CTA each
  *      sparse kernel    instead of both, for a SPARSE window in the default mode (D <= 128): query tiles over their gathered
  *                       keys, dq in registers, dk/dv/dbias by fp32 atomics (O(Sq * w) work)
@@ -41,6 +42,7 @@ struct Config {
     int sparse;       /* the sparse kernel (SPARSE window or row-broadcast mask, default mode, D <= 128): dk/dv fp32
                          (B, Hkv, Sk, D) accumulators */
     int gather_rows;  /* sparse kernel over a row-broadcast mask: its kept-key lists (fdma_cuda_gather_launch) */
+    int dense;        /* bwd_dense.cuh's one-pass kernel (dense_eligible; same grid and workspace as the dkdv kernel) */
     size_t off_gl, off_di, off_dq, off_dk, off_dv, off_db, total;
 };
 
@@ -66,6 +68,8 @@ static void make_config(const fdma_params *p, int sparse_window, Config *c) {
     c->sparse = sparse;
     c->gather_rows = sparse && !sparse_window;
     c->Dp = p->D <= 64 ? 64 : p->D <= 128 ? 128 : 256;
+    c->dense = !sparse && dense_eligible(c->Dp, p->deterministic, p->p_drop > 0.f, p->softcap, sparse_window != 0,
+                                        p->bias.ptr != nullptr);
     c->kBN = key_block(c->Dp);
     const int64_t g = p->H / p->Hkv;
     c->b_per_cta = 1;
@@ -321,7 +325,8 @@ extern "C" fdma_status fdma_cuda_bwd_plan(const fdma_params *p, fdma_plan *plan)
     make_config(&pa, w.mode == FDMA_WIN_SPARSE, &c);
     snprintf(plan->name, sizeof(plan->name), "cuda_bwd_%s_d%d%s%s%s", p->dtype == FDMA_DTYPE_BF16 ? "bf16" : "f16",
              c.Dp, w.mode == FDMA_WIN_SPARSE ? "_sparse" : w.mode == FDMA_WIN_MASK ? "_window" : "",
-             p->deterministic ? "_det" : c.gather_rows ? "_gather" : "", c.per_head ? "_gqasplit" : "");
+             p->deterministic ? "_det" : c.gather_rows ? "_gather" : c.dense ? "_dense" : "",
+             c.per_head ? "_gqasplit" : "");
     plan->workspace_bytes = w.bytes + c.total;
     plan->variant = c.Dp;
     plan->flags = c.dbias_mode;

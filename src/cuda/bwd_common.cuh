@@ -22,6 +22,9 @@
  *     For kDp > 64 the dV and dK accumulators (16 x kDp fp32 per warp each) do not both fit in registers:
  *     the query loop runs once per 128-column slice of dV, then once per slice of dK (the first dK pass also
  *     does dQ and dbias), recomputing S^T each time (kDp = 128: 6 matrix products instead of 5).
+ *   The common calls (dense_eligible: no dropout, softcap or window, default mode, kDp <= 128) run bwd_dense.cuh's
+ *   one-pass kernel instead, with the same CTA ownership and the shared pieces below (DkdvTiles, load_q_tile,
+ *   for_each_unit, begin_unit, dq_atomic, dbias_tile, write_kv).
  *   dq kernel (deterministic=1 only), one CTA per (64 query rows, query head, batch), 4 warps of 16 rows:
  *     recomputes S, P, dP, dS over the visible key blocks and owns dq rows: no atomics.
  *   Small kernels in bwd.cu: Di = rowsum(dout * out), dq/dk/dv conversion and GQA reduction of per-head
@@ -119,14 +122,33 @@ template <int C> __device__ __forceinline__ int swz(int r, int ch) { return r * 
 
 /* Rows [0, R) of a global (rows, D) slab with row stride `rs` into a swizzled R x C tile; rows >= nvalid and
  * columns >= D become zeros. */
-template <typename T, int R, int C, int kThreads>
+template <typename T, int R, int C, int kThreads, bool kBump = false>
 __device__ __forceinline__ void load_rows(T *s, const T *g, int64_t rs, int64_t nvalid, int D) {
     constexpr int kCh = C / 8;
+    if constexpr (kBump) {
+        /* thread x copies chunk x % kCh of rows x / kCh, x / kCh + kRowStep, ...: one pointer bumped per row step
+           (no per-row 64-bit offsets for the compiler to keep across the caller's loop: the dense kernel) */
+        constexpr int kRowStep = kThreads / kCh;
+        static_assert(kThreads % kCh == 0, "a thread keeps its chunk column");
+        const int r0 = threadIdx.x / kCh, ch = threadIdx.x % kCh;
+        const bool col_ok = ch * 8 < D;
+        const T *p = g + r0 * rs + ch * 8;
 #pragma unroll
-    for (int c = threadIdx.x; c < R * kCh; c += kThreads) {
-        const int r = c / kCh, ch = c % kCh;
-        const bool pred = r < nvalid && ch * 8 < D;
-        fdma_cp_async16(s + swz<C>(r, ch), pred ? g + r * rs + ch * 8 : g, pred ? 16 : 0);
+        for (int it = 0; it < (R + kRowStep - 1) / kRowStep; it++) {
+            const int r = r0 + it * kRowStep;
+            if (R % kRowStep == 0 || r < R) {
+                const bool pred = col_ok && r < nvalid;
+                fdma_cp_async16(s + swz<C>(r, ch), pred ? p : g, pred ? 16 : 0);
+            }
+            p += kRowStep * rs;
+        }
+    } else {
+#pragma unroll
+        for (int c = threadIdx.x; c < R * kCh; c += kThreads) {
+            const int r = c / kCh, ch = c % kCh;
+            const bool pred = r < nvalid && ch * 8 < D;
+            fdma_cp_async16(s + swz<C>(r, ch), pred ? g + r * rs + ch * 8 : g, pred ? 16 : 0);
+        }
     }
 }
 
@@ -239,14 +261,16 @@ __device__ __forceinline__ void elem_ij(int n, int e, int row0, int lane, int &i
 }
 
 /* Visible bits (bit 4n+e) of the thread's 32 elements: in range, causal, mask, window expiry. kidx (gathered
- * keys, kTr = false only): the key of local column jl is kidx[jl] (>= Sk for padding), else j0 + jl. */
-template <bool kTr, int kN>
+ * keys, kTr = false only): the key of local column jl is kidx[jl] (>= Sk for padding), else j0 + jl. kMask /
+ * kExpiry false: the mask / expiry test is compiled out (the dense kernel's instantiations without them). */
+template <bool kTr, int kN, bool kMask = true, bool kExpiry = true>
 __device__ __forceinline__ uint32_t visible_bits(const Args &a, int b, int h, int64_t i0, int64_t j0, int row0,
                                                  int lane, const int *kidx = nullptr) {
     uint32_t bits = 0;
-    const uint8_t *mrow = a.mask ? a.mask + b * a.ms[0] + (int64_t)(h / a.mhdiv) * a.ms[1] : nullptr;
-    const int32_t *erow =
-        a.expiry ? a.expiry + ((int64_t)b * a.ex_rb + (int64_t)(h / a.ex_hdiv) * a.ex_hmul) * a.Sk : nullptr;
+    const uint8_t *mrow = kMask && a.mask ? a.mask + b * a.ms[0] + (int64_t)(h / a.mhdiv) * a.ms[1] : nullptr;
+    const int32_t *erow = kExpiry && a.expiry
+                              ? a.expiry + ((int64_t)b * a.ex_rb + (int64_t)(h / a.ex_hdiv) * a.ex_hmul) * a.Sk
+                              : nullptr;
     const int shift = a.sk - a.sq;
 #pragma unroll 1
     for (int n = 0; n < kN; n++)
@@ -347,8 +371,7 @@ __device__ __forceinline__ void softcap_grad(const Args &a, float (&ds)[kN][4], 
 /* ---- dkdv kernel ------------------------------------------------------------------------------------------ */
 
 /* Query rows per step of the dkdv kernel: 32 keeps the 16 x 128 accumulator, S^T, dP^T and the per-element
- * work inside 255 registers on sm90 (64 spilled). dS^T is kept [key][kBM + 8] (80-byte rows: conflict-free for
- * ldmatrix and for the fragment stores).
+ * work inside 255 registers on sm90 (64 spilled). dS^T is kept [key][kBM + 8] (dq_atomic).
  * sm80: ptxas spills a few bytes in most variants of these kernels at 255 registers (tried: 16-row steps,
  * 64-column passes, rolled k loops), and the library builds with spills as errors, so fdma_cuda_bwd_plan refuses
  * devices below sm90 and the kernels carry no sm80 code. */
@@ -361,15 +384,62 @@ constexpr int kDkdvBMMax = 32;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
 #define FDMA_BWD_NO_DEVICE_CODE 1
 #endif
-constexpr int kSdsStride = kDkdvBM + 8;
 
-template <int kDp, int kBN, bool kDQ> struct DkdvSmem {
-    static constexpr int kBM = kDkdvBMMax;
+/* Shared memory of a dkdv CTA (this file's kernel, kBM = kDkdvBM, and bwd_dense.cuh's): K, V [kBN][kDp]; Q, dO
+ * [2][kBM][kDp] (double-buffered query tiles); dS^T [kBN][kBM + 8] (kDQ); lse, Di [2][kBM] fp32. */
+template <int kDp, int kBN, bool kDQ, int kBM = kDkdvBMMax> struct DkdvSmem {
     static constexpr size_t bytes_of(size_t esz) {
         return esz * (2 * (size_t)kBN * kDp + 4 * (size_t)kBM * kDp + (kDQ ? (size_t)kBN * (kBM + 8) : 0)) +
                4 * sizeof(float) * kBM;
     }
 };
+template <typename T, int kDp, int kBN, bool kDQ, int kBM> struct DkdvTiles {
+    T *sK, *sV, *sQ, *sdO, *sdS;
+    float *sLse, *sDi;
+    __device__ __forceinline__ explicit DkdvTiles(unsigned char *smem) {
+        sK = reinterpret_cast<T *>(smem);
+        sV = sK + kBN * kDp;
+        sQ = sV + kBN * kDp;
+        sdO = sQ + 2 * kBM * kDp;
+        sdS = sdO + 2 * kBM * kDp;
+        sLse = reinterpret_cast<float *>(sdS + (kDQ ? kBN * (kBM + 8) : 0));
+        sDi = sLse + 2 * kBM;
+    }
+};
+
+/* Query rows [i0, i0 + kBM) of head h, batch b into buffer buf: Q and dO (rows past Sq: zeros), lse and Di. kBump:
+ * load_rows' pointer-bump form (the dense kernel's register budget). */
+template <typename T, int kDp, int kBN, bool kDQ, int kBM, int kThreads, bool kBump = false>
+__device__ __forceinline__ void load_q_tile(const Args &a, const DkdvTiles<T, kDp, kBN, kDQ, kBM> &s, int b, int h,
+                                            int64_t i0, int buf) {
+    const T *gq = (const T *)a.q + b * a.qs[0] + (int64_t)h * a.qs[2] + i0 * a.qs[1];
+    const T *gdo = (const T *)a.dout + b * a.dos[0] + (int64_t)h * a.dos[2] + i0 * a.dos[1];
+    load_rows<T, kBM, kDp, kThreads, kBump>(s.sQ + buf * kBM * kDp, gq, a.qs[1], a.Sq - i0, a.D);
+    load_rows<T, kBM, kDp, kThreads, kBump>(s.sdO + buf * kBM * kDp, gdo, a.dos[1], a.Sq - i0, a.D);
+    const int r = threadIdx.x & (kBM - 1);
+    const int64_t off = ((int64_t)b * a.H + h) * a.Sq + i0 + r;
+    const bool ok = i0 + r < a.Sq;
+    if (threadIdx.x < kBM) cp_async4(s.sLse + buf * kBM + r, ok ? a.lse + off : a.lse, ok);
+    else if (threadIdx.x < 2 * kBM) cp_async4(s.sDi + buf * kBM + r, ok ? a.Di + off : a.Di, ok);
+}
+
+/* First query block (of kBM rows) that a causal key block starting at n0 sees; 0 without causality. */
+__device__ __forceinline__ int first_q_block(const Args &a, int64_t n0, int kBM) {
+    if (!a.causal) return 0;
+    const int64_t r = n0 - (a.Sk - a.Sq);
+    return r > 0 ? (int)(r / kBM) : 0;
+}
+
+/* The work units of a dkdv CTA, in order: f(b, hkv, h_lo, nh) for its batches and kv heads (query heads h_lo ..
+ * h_lo + nh - 1 of kv head hkv; one query head per CTA when hph == 1 and g > 1). */
+template <typename F> __device__ __forceinline__ void for_each_unit(const Args &a, F f) {
+    for (int u = 0; u < a.b_per_cta * a.hkv_per_cta; u++) { /* batch-major, kv heads inner */
+        const int b = blockIdx.z * a.b_per_cta + u / a.hkv_per_cta, ki = u % a.hkv_per_cta;
+        const bool per_head = a.hph == 1 && a.g > 1;
+        const int hkv = per_head ? (int)blockIdx.y / a.g : (int)blockIdx.y * a.hkv_per_cta + ki;
+        f(b, hkv, per_head ? (int)blockIdx.y : hkv * a.g, per_head ? 1 : a.g);
+    }
+}
 
 /* DIRECT dbias: zeros over rows [r_lo, r_hi) x keys [j0, j0 + kBN) of head h (tiles the kernel skips). */
 template <typename T, int kBN, int kThreads>
@@ -431,6 +501,89 @@ __device__ __forceinline__ void dbias_tile(const Args &a, const float (&ds)[kN][
     }
 }
 
+/* dQ rows [i0, i0 + kBM) of query head h += dS K, fp32 atomics into dqacc (float2 on sm90): the warp's dS^T A
+ * fragments (keys row0 .. row0 + 15 x kBM queries) go to shared [key][query] (rows of kBM + 8 elements:
+ * conflict-free for these stores and for ldmatrix), then, after a barrier, the warps split dQ (kBM x kDp) =
+ * dS (kBM x kBN) K (kBN x kDp) into 16-row x column groups. kPadSkip: skip the column steps past D (zero columns
+ * of K) rather than computing them (their results are never written either way). */
+template <typename T, int kDp, int kBN, int kBM, bool kPadSkip, int kChunkMax = kDqChunkMax>
+__device__ __forceinline__ void dq_atomic(const Args &a, T *sdS, const T *sK, const uint32_t (&da)[kBM / 16][4], int b,
+                                          int h, int64_t i0, int row0, int lane, const Lane &L) {
+    constexpr int kStride = kBM + 8;
+    const int warp = threadIdx.x >> 5, gid = lane >> 2, t4 = lane & 3;
+#pragma unroll
+    for (int kq = 0; kq < kBM / 16; kq++) {
+        T *r = sdS + (row0 + gid) * kStride + kq * 16 + 2 * t4;
+        *reinterpret_cast<uint32_t *>(r) = da[kq][0];
+        *reinterpret_cast<uint32_t *>(r + 8 * kStride) = da[kq][1];
+        *reinterpret_cast<uint32_t *>(r + 8) = da[kq][2];
+        *reinterpret_cast<uint32_t *>(r + 8 * kStride + 8) = da[kq][3];
+    }
+    __syncthreads();
+    constexpr int kWarpGroups = (kBN / 16) / (kBM / 16);
+    constexpr int kColGroups = kWarpGroups < kDp / 16 ? kWarpGroups : kDp / 16;
+    constexpr int kColsPerWarp = kDp / kColGroups;
+    constexpr int kChunk = kColsPerWarp < kChunkMax ? kColsPerWarp : kChunkMax;
+    const int rg = warp % (kBM / 16), cg = warp / (kBM / 16); /* warps with cg >= kColGroups idle */
+    float *dqrow = a.dqacc + ((int64_t)b * a.Sq * a.H + h) * a.D;
+#pragma unroll
+    for (int cc = 0; cc < kColsPerWarp / kChunk; cc++) {
+        const int c0 = cg * kColsPerWarp + cc * kChunk;
+        if (cg < kColGroups && (!kPadSkip || c0 < a.D)) {
+            float qa[kChunk / 8][4];
+#pragma unroll
+            for (int n = 0; n < kChunk / 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) qa[n][e] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < kBN / 16; kk++) {
+                uint32_t af[4];
+                fdma_ldmatrix_x4_trans(af, sdS + (kk * 16 + L.rB) * kStride + rg * 16 + (((lane >> 3) & 1) << 3));
+#pragma unroll
+                for (int np = 0; np < kChunk / 16; np++) {
+                    if (!kPadSkip || c0 + np * 16 < a.D) {
+                        uint32_t bf[4];
+                        fdma_ldmatrix_x4_trans(bf, sK + bt_off<kDp>(L, kk * 16, (c0 >> 4) + np));
+                        fdma_mma16816<T>(qa[2 * np], af, bf[0], bf[1]);
+                        fdma_mma16816<T>(qa[2 * np + 1], af, bf[2], bf[3]);
+                    }
+                }
+            }
+#pragma unroll
+            for (int n = 0; n < kChunk / 8; n++)
+#pragma unroll
+                for (int hf = 0; hf < 2; hf++) {
+                    const int64_t i = i0 + rg * 16 + gid + 8 * hf;
+                    const int d = c0 + n * 8 + 2 * t4;
+                    if (i < a.Sq && d < a.D) {
+                        float *p = dqrow + i * a.H * a.D + d;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+                        atomicAdd(reinterpret_cast<float2 *>(p), make_float2(qa[n][2 * hf], qa[n][2 * hf + 1]));
+#else
+                        atomicAdd(p, qa[n][2 * hf]);
+                        atomicAdd(p + 1, qa[n][2 * hf + 1]);
+#endif
+                    }
+                }
+        }
+    }
+}
+
+/* Start of a dkdv work unit: DIRECT dbias zeros for the query rows [0, zero_rows) that no query block visits (kDbias:
+ * the instantiation has dbias code), then, after a barrier (the previous unit is done with shared memory), K and V of
+ * the key block at n0 into shared memory by cp.async (not committed). */
+template <typename T, int kDp, int kBN, int kThreads, bool kDbias, bool kBump = false>
+__device__ __forceinline__ void begin_unit(const Args &a, T *sK, T *sV, int b, int hkv, int h_lo, int nh,
+                                           int64_t zero_rows, int64_t n0) {
+    if (kDbias && a.dbias_mode == DBIAS_DIRECT && zero_rows > 0)
+        for (int h = h_lo; h < h_lo + nh; h++) dbias_zero<T, kBN, kThreads>(a, b, h, 0, zero_rows, n0);
+    __syncthreads();
+    load_rows<T, kBN, kDp, kThreads, kBump>(sK, (const T *)a.k + b * a.ks[0] + (int64_t)hkv * a.ks[2] + n0 * a.ks[1],
+                                            a.ks[1], a.Sk - n0, a.D);
+    load_rows<T, kBN, kDp, kThreads, kBump>(sV, (const T *)a.v + b * a.vs[0] + (int64_t)hkv * a.vs[2] + n0 * a.vs[1],
+                                            a.vs[1], a.Sk - n0, a.D);
+}
+
 /* One pass of the query loop of a dkdv CTA over heads [h_lo, h_lo + nh) of kv head hkv, batch b: accumulates
  * columns [kC0, kC0 + kAcc) of dV (kDoDV) and/or dK (kDoDK); the first dK pass also does dbias and dQ. */
 template <typename T, int kDp, int kBN, bool kDQ, bool kDoDV, bool kDoDK, int kAcc, int kC0>
@@ -439,13 +592,9 @@ __device__ __forceinline__ void dkdv_pass(const Args &a, unsigned char *smem, in
                                           float (&accK)[kAcc / 8][4]) {
     constexpr bool kFirstDK = kDoDK && kC0 == 0;
     constexpr int kBM = kDkdvBM, kN = kBM / 8, kThreads = kBN * 2;
-    T *sK = reinterpret_cast<T *>(smem);
-    T *sV = sK + kBN * kDp;
-    T *sQ = sV + kBN * kDp;
-    T *sdO = sQ + 2 * kBM * kDp;
-    T *sdS = sdO + 2 * kBM * kDp;
-    float *sLse = reinterpret_cast<float *>(sdS + (kDQ ? kBN * kSdsStride : 0));
-    float *sDi = sLse + 2 * kBM;
+    const DkdvTiles<T, kDp, kBN, kDQ, kBM> tl(smem);
+    T *sK = tl.sK, *sV = tl.sV, *sQ = tl.sQ, *sdO = tl.sdO;
+    const float *sLse = tl.sLse, *sDi = tl.sDi;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int row0 = warp * 16;
     const int ksteps = (a.D + 15) >> 4;
@@ -453,17 +602,7 @@ __device__ __forceinline__ void dkdv_pass(const Args &a, unsigned char *smem, in
     const Lane L = make_lane(lane);
 
     auto load_tile = [&](int t, int buf) {
-        const int h = h_lo + t / nm;
-        const int64_t i0 = (int64_t)(m_first + t % nm) * kBM;
-        const T *gq = (const T *)a.q + b * a.qs[0] + (int64_t)h * a.qs[2] + i0 * a.qs[1];
-        const T *gdo = (const T *)a.dout + b * a.dos[0] + (int64_t)h * a.dos[2] + i0 * a.dos[1];
-        load_rows<T, kBM, kDp, kThreads>(sQ + buf * kBM * kDp, gq, a.qs[1], a.Sq - i0, a.D);
-        load_rows<T, kBM, kDp, kThreads>(sdO + buf * kBM * kDp, gdo, a.dos[1], a.Sq - i0, a.D);
-        const int r = threadIdx.x & (kBM - 1);
-        const int64_t off = ((int64_t)b * a.H + h) * a.Sq + i0 + r;
-        const bool ok = i0 + r < a.Sq;
-        if (threadIdx.x < kBM) cp_async4(sLse + buf * kBM + r, ok ? a.lse + off : a.lse, ok);
-        else if (threadIdx.x < 2 * kBM) cp_async4(sDi + buf * kBM + r, ok ? a.Di + off : a.Di, ok);
+        load_q_tile<T, kDp, kBN, kDQ, kBM, kThreads>(a, tl, b, h_lo + t / nm, (int64_t)(m_first + t % nm) * kBM, buf);
     };
 
     load_tile(0, 0);
@@ -513,66 +652,7 @@ __device__ __forceinline__ void dkdv_pass(const Args &a, unsigned char *smem, in
             uint32_t da[kN / 2][4];
             to_afrag<T, kN>(da, dp, [](int, int) { return 1.f; });
             gemm_regs_b<T, kDp, kN, kAcc, kC0>(accK, da, sQb, ksteps, L); /* dK += dS^T Q */
-            if (kDQ && kFirstDK) {
-                /* dS^T -> shared [key][query], then dQ (64 x kDp) = dS K, fp32 atomics into dqacc */
-                const int gid = lane >> 2, t4 = lane & 3;
-#pragma unroll
-                for (int kq = 0; kq < kN / 2; kq++) {
-                    T *r = sdS + (row0 + gid) * kSdsStride + kq * 16 + 2 * t4;
-                    *reinterpret_cast<uint32_t *>(r) = da[kq][0];
-                    *reinterpret_cast<uint32_t *>(r + 8 * kSdsStride) = da[kq][1];
-                    *reinterpret_cast<uint32_t *>(r + 8) = da[kq][2];
-                    *reinterpret_cast<uint32_t *>(r + 8 * kSdsStride + 8) = da[kq][3];
-                }
-                __syncthreads();
-                constexpr int kWarpGroups = (kBN / 16) / (kBM / 16);
-                constexpr int kColGroups = kWarpGroups < kDp / 16 ? kWarpGroups : kDp / 16;
-                constexpr int kColsPerWarp = kDp / kColGroups;
-                constexpr int kChunk = kColsPerWarp < kDqChunkMax ? kColsPerWarp : kDqChunkMax;
-                const int rg = warp % (kBM / 16), cg = warp / (kBM / 16); /* warps with cg >= kColGroups idle */
-                float *dqrow = a.dqacc + ((int64_t)b * a.Sq * a.H + h) * a.D;
-#pragma unroll
-                for (int cc = 0; cc < kColsPerWarp / kChunk; cc++) {
-                    const int c0 = cg * kColsPerWarp + cc * kChunk;
-                    if (cg < kColGroups && c0 < a.D) {
-                        float qa[kChunk / 8][4];
-#pragma unroll
-                        for (int n = 0; n < kChunk / 8; n++)
-#pragma unroll
-                            for (int e = 0; e < 4; e++) qa[n][e] = 0.f;
-#pragma unroll
-                        for (int kk = 0; kk < kBN / 16; kk++) {
-                            uint32_t af[4];
-                            fdma_ldmatrix_x4_trans(af, sdS + (kk * 16 + L.rB) * kSdsStride + rg * 16 + (((lane >> 3) & 1) << 3));
-#pragma unroll
-                            for (int np = 0; np < kChunk / 16; np++) {
-                                if (c0 + np * 16 < a.D) {
-                                    uint32_t bf[4];
-                                    fdma_ldmatrix_x4_trans(bf, sK + bt_off<kDp>(L, kk * 16, (c0 >> 4) + np));
-                                    fdma_mma16816<T>(qa[2 * np], af, bf[0], bf[1]);
-                                    fdma_mma16816<T>(qa[2 * np + 1], af, bf[2], bf[3]);
-                                }
-                            }
-                        }
-#pragma unroll
-                        for (int n = 0; n < kChunk / 8; n++)
-#pragma unroll
-                            for (int hf = 0; hf < 2; hf++) {
-                                const int64_t i = i0 + rg * 16 + gid + 8 * hf;
-                                const int d = c0 + n * 8 + 2 * t4;
-                                if (i < a.Sq && d < a.D) {
-                                    float *p = dqrow + i * a.H * a.D + d;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-                                    atomicAdd(reinterpret_cast<float2 *>(p), make_float2(qa[n][2 * hf], qa[n][2 * hf + 1]));
-#else
-                                    atomicAdd(p, qa[n][2 * hf]);
-                                    atomicAdd(p + 1, qa[n][2 * hf + 1]);
-#endif
-                                }
-                            }
-                    }
-                }
-            }
+            if (kDQ && kFirstDK) dq_atomic<T, kDp, kBN, kBM, true>(a, tl.sdS, sK, da, b, h, i0, row0, lane, L);
         }
     }
     fdma_cp_async_wait<0>();
@@ -637,54 +717,30 @@ __global__ void __launch_bounds__(kBN * 2, 1) dkdv_kernel(const Args a) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int64_t n0 = (int64_t)blockIdx.x * kBN;
     const int nM = (int)((a.Sq + kBM - 1) / kBM);
-    int m_first = 0;
-    if (a.causal) {
-        const int64_t r = n0 - (a.Sk - a.Sq);
-        m_first = r > 0 ? (int)(r / kBM) : 0;
-    }
+    const int m_first = first_q_block(a, n0, kBM);
     const int nm = nM - m_first;
     T *sK = reinterpret_cast<T *>(smem);
     T *sV = sK + kBN * kDp;
 
-    for (int bi = 0; bi < a.b_per_cta; bi++) {
-        const int b = blockIdx.z * a.b_per_cta + bi;
-        for (int ki = 0; ki < a.hkv_per_cta; ki++) {
-            int hkv, h_lo, nh;
-            if (a.hph == 1 && a.g > 1) {
-                h_lo = blockIdx.y;
-                hkv = h_lo / a.g;
-                nh = 1;
-            } else {
-                hkv = blockIdx.y * a.hkv_per_cta + ki;
-                h_lo = hkv * a.g;
-                nh = a.g;
-            }
-            if (a.dbias_mode == DBIAS_DIRECT && m_first > 0)
-                for (int h = h_lo; h < h_lo + nh; h++)
-                    dbias_zero<T, kBN, kThreads>(a, b, h, 0, (int64_t)m_first * kBM, n0);
-            __syncthreads();
-            load_rows<T, kBN, kDp, kThreads>(sK, (const T *)a.k + b * a.ks[0] + (int64_t)hkv * a.ks[2] + n0 * a.ks[1],
-                                             a.ks[1], a.Sk - n0, a.D);
-            load_rows<T, kBN, kDp, kThreads>(sV, (const T *)a.v + b * a.vs[0] + (int64_t)hkv * a.vs[2] + n0 * a.vs[1],
-                                             a.vs[1], a.Sk - n0, a.D);
-            fdma_cp_async_commit();
-            const bool partial = a.hph == 1 && a.g > 1;
-            float *dvp = partial ? a.dvpart : nullptr, *dkp = partial ? a.dkpart : nullptr;
-            if constexpr (kDp == 64 && kDkdvAcc > 64) {
-                float accV[8][4], accK[8][4];
-                zero_acc(accV);
-                zero_acc(accK);
-                dkdv_pass<T, kDp, kBN, kDQ, true, true, 64, 0>(a, smem, b, hkv, h_lo, nh, m_first, nm, n0, accV, accK);
-                write_kv<T, 64, 0>(a, accV, 1.f, a.dv, a.dvs, dvp, b, hkv, h_lo, n0, warp * 16, lane);
-                write_kv<T, 64, 0>(a, accK, a.scale, a.dk, a.dks, dkp, b, hkv, h_lo, n0, warp * 16, lane);
-            } else {
-                /* one accumulator of kDkdvAcc columns per pass: dV slices first, then dK slices (the first also
-                   does dbias and dQ) */
-                dkdv_slices<T, kDp, kBN, kDQ, true, kDkdvAcc, 0>(a, smem, b, hkv, h_lo, nh, m_first, nm, n0, dvp);
-                dkdv_slices<T, kDp, kBN, kDQ, false, kDkdvAcc, 0>(a, smem, b, hkv, h_lo, nh, m_first, nm, n0, dkp);
-            }
+    for_each_unit(a, [&](int b, int hkv, int h_lo, int nh) {
+        begin_unit<T, kDp, kBN, kThreads, true>(a, sK, sV, b, hkv, h_lo, nh, (int64_t)m_first * kBM, n0);
+        fdma_cp_async_commit();
+        const bool partial = a.hph == 1 && a.g > 1;
+        float *dvp = partial ? a.dvpart : nullptr, *dkp = partial ? a.dkpart : nullptr;
+        if constexpr (kDp == 64 && kDkdvAcc > 64) {
+            float accV[8][4], accK[8][4];
+            zero_acc(accV);
+            zero_acc(accK);
+            dkdv_pass<T, kDp, kBN, kDQ, true, true, 64, 0>(a, smem, b, hkv, h_lo, nh, m_first, nm, n0, accV, accK);
+            write_kv<T, 64, 0>(a, accV, 1.f, a.dv, a.dvs, dvp, b, hkv, h_lo, n0, warp * 16, lane);
+            write_kv<T, 64, 0>(a, accK, a.scale, a.dk, a.dks, dkp, b, hkv, h_lo, n0, warp * 16, lane);
+        } else {
+            /* one accumulator of kDkdvAcc columns per pass: dV slices first, then dK slices (the first also
+               does dbias and dQ) */
+            dkdv_slices<T, kDp, kBN, kDQ, true, kDkdvAcc, 0>(a, smem, b, hkv, h_lo, nh, m_first, nm, n0, dvp);
+            dkdv_slices<T, kDp, kBN, kDQ, false, kDkdvAcc, 0>(a, smem, b, hkv, h_lo, nh, m_first, nm, n0, dkp);
         }
-    }
+    });
 #endif
 }
 
@@ -811,6 +867,23 @@ cudaError_t launch_d128(const Args &a, int bf16, int deterministic, dim3 grid, c
 cudaError_t launch_d256(const Args &a, int bf16, int deterministic, dim3 grid, cudaStream_t st);
 
 constexpr int key_block(int dp) { return dp > 128 ? 64 : 128; }
+
+/* The calls that bwd_dense.cuh's kernel runs (launch_dp; "_dense" in the plan name): head dim padded to 64 or 128
+ * (with a bias: 64 only, dense_bias_ok), default (atomic dq) mode, no dropout, no softcap, no top-k window keys
+ * (SPARSE lists or expiry). The dkdv and dq kernels above run the others. */
+constexpr bool dense_bias_ok(int dp) { return dp <= 64; } /* kDp = 128 with a bias: 4-40 bytes of spills for now */
+inline bool dense_eligible(int dp, int deterministic, bool dropout, float softcap, bool window_keys, bool bias) {
+    return dp <= 128 && !deterministic && !dropout && !(softcap > 0.f) && !window_keys && (!bias || dense_bias_ok(dp));
+}
+
+/* Launch kernel k (one Args by value) with sm bytes of dynamic shared memory. */
+template <typename K>
+cudaError_t launch_smem(K k, dim3 grid, int threads, size_t sm, cudaStream_t st, const Args &a) {
+    cudaError_t err = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+    if (err != cudaSuccess) return err;
+    k<<<grid, threads, sm, st>>>(a);
+    return cudaGetLastError();
+}
 
 } /* namespace fdma_bwdk */
 

@@ -227,7 +227,8 @@ struct Case {
     int mdim[4]; /* mask dims as codes: 0 = absent; per dim: 1 = size 1, 2 = full (B / H / Sq), 3 = Hkv (dim 1) */
     int bdim[4]; /* bias dims, same codes */
     float softcap, p_drop;
-    int det, masked_rows, qpad;
+    int det, masked_rows, qpad; /* masked_rows: 1 = every 7th row fully masked, 2 = every other 64-row block */
+    int nodb;                   /* bias without dbias (dbias NULL: the kernels' DBIAS_NONE mode) */
 };
 
 static int64_t dim_of(int code, int which, const Case &c) {
@@ -286,15 +287,16 @@ static int run_case(const Case &c, int *n_fail) {
     int64_t md[4] = {0, 0, 0, 0}, bd[4] = {0, 0, 0, 0}, mst[4], bst[4];
     std::vector<uint8_t> hm;
     std::vector<uint16_t> hb;
-    const int has_mask = c.mdim[0] != 0, has_bias = c.bdim[0] != 0;
+    const int has_mask = c.mdim[0] != 0, has_bias = c.bdim[0] != 0, has_db = has_bias && !c.nodb;
     if (has_mask) {
         for (int x = 0; x < 4; x++) md[x] = dim_of(c.mdim[x], x, c);
         hm.resize(md[0] * md[1] * md[2] * md[3]);
         for (auto &x : hm) x = urand() < 0.7;
-        if (c.masked_rows && md[2] > 1) /* every 7th row fully masked */
+        if (c.masked_rows && md[2] > 1) /* every 7th row, or every other block of 64 rows, fully masked */
             for (int64_t a0 = 0; a0 < md[0] * md[1]; a0++)
-                for (int64_t i = 0; i < md[2]; i += 7)
-                    for (int64_t j = 0; j < md[3]; j++) hm[(a0 * md[2] + i) * md[3] + j] = 0;
+                for (int64_t i = 0; i < md[2]; i++)
+                    if (c.masked_rows == 1 ? i % 7 == 0 : (i / 64) % 2 == 1)
+                        for (int64_t j = 0; j < md[3]; j++) hm[(a0 * md[2] + i) * md[3] + j] = 0;
         mst[3] = 1;
         mst[2] = md[3];
         mst[1] = md[2] * md[3];
@@ -392,7 +394,7 @@ static int run_case(const Case &c, int *n_fail) {
     if (has_bias) {
         p.bias.ptr = bias;
         for (int x = 0; x < 4; x++) { p.bias.dim[x] = bd[x]; p.bias.stride[x] = bst[x]; p.dbias_stride[x] = bst[x]; }
-        p.dbias = dbias;
+        p.dbias = has_db ? dbias : nullptr;
     }
     p.scale = (float)scale;
     p.softcap = c.softcap;
@@ -433,7 +435,7 @@ static int run_case(const Case &c, int *n_fail) {
         CK(cudaMemcpy(r_dq.data(), dq, nqp * 2, cudaMemcpyDeviceToHost));
         CK(cudaMemcpy(r_dk.data(), dk, nk * 2, cudaMemcpyDeviceToHost));
         CK(cudaMemcpy(r_dv.data(), dv, nk * 2, cudaMemcpyDeviceToHost));
-        if (has_bias) CK(cudaMemcpy(r_db.data(), dbias, nb * 2, cudaMemcpyDeviceToHost));
+        if (has_db) CK(cudaMemcpy(r_db.data(), dbias, nb * 2, cudaMemcpyDeviceToHost));
         if (run == 0) {
             f_dq = r_dq; f_dk = r_dk; f_dv = r_dv; f_db = r_db;
         } else if (r_dq != f_dq || r_dk != f_dk || r_dv != f_dv || r_db != f_db) {
@@ -449,7 +451,7 @@ static int run_case(const Case &c, int *n_fail) {
     E[0] = compare(f_dq, e_dq, bf16, nq, 0, D, Dq);
     E[1] = compare(f_dk, e_dk, bf16, nk, 0, D, D);
     E[2] = compare(f_dv, e_dv, bf16, nk, 0, D, D);
-    E[3] = has_bias ? compare(f_db, e_db, bf16, nb, 0, (int)bd[3], bd[3]) : Err{0, 0, 0};
+    E[3] = has_db ? compare(f_db, e_db, bf16, nb, 0, (int)bd[3], bd[3]) : Err{0, 0, 0};
     const double tol = bf16 ? 2e-2 : 1e-2;
     int ok = bitwise;
     double rel[4];
@@ -459,7 +461,7 @@ static int run_case(const Case &c, int *n_fail) {
         if (E[x].nan || rel[x] > tol) ok = 0;
     }
     printf("%s %-30s %-40s dq %.2e dk %.2e dv %.2e dbias %.2e  nan %ld/%ld/%ld/%ld%s\n", ok ? "ok  " : "FAIL", c.name,
-           plan.name, rel[0], rel[1], rel[2], has_bias ? rel[3] : 0.0, E[0].nan, E[1].nan, E[2].nan, E[3].nan,
+           plan.name, rel[0], rel[1], rel[2], has_db ? rel[3] : 0.0, E[0].nan, E[1].nan, E[2].nan, E[3].nan,
            c.det ? (bitwise ? "  bitwise x5" : "  NOT BITWISE") : "");
     if (!ok) (*n_fail)++;
     cudaFree(q); cudaFree(qc); cudaFree(k); cudaFree(v); cudaFree(dout); cudaFree(out); cudaFree(dq); cudaFree(dk);
@@ -604,6 +606,15 @@ int main(int argc, char **argv) {
         {"strided q/dq",                     1, 2, 4, 2,  113,  257,  64, 1, {0,0,0,0}, {0,0,0,0}, 0, 0, 0, 0, 1},
         {"long 4095 causal",                 1, 1, 2, 1, 4095, 4095, 128, 1, {0,0,0,0}, {2,3,1,2}, 0, 0, 0, 0, 0},
         {"long 4095 det",                    0, 1, 2, 2, 1000, 4095,  64, 0, {2,1,1,2}, {0,0,0,0}, 0, 0, 1, 0, 0},
+        /* the dense kernel (bwd_dense.cuh): mask-only and mask + bias instantiations (masks with Sq rows), blocks of
+           all-False tiles, DBIAS_NONE, long causal; the general kernel's skipped tiles with DIRECT dbias at d128 */
+        {"mask B,1,Sq,Sk causal Sq>Sk gqa",  1, 2, 8, 2,  300,  257, 128, 1, {2,1,2,2}, {0,0,0,0}, 0, 0, 0, 1, 0},
+        {"mask 1,H,Sq,Sk f16 causal Sq<Sk",  0, 1, 4, 4,   77,  500,  64, 1, {1,2,2,2}, {0,0,0,0}, 0, 0, 0, 0, 0},
+        {"mask+bias f16 blocks masked",      0, 1, 4, 2,  333,  300,  64, 1, {2,2,2,2}, {2,2,2,2}, 0, 0, 0, 2, 0},
+        {"mask+bias 1,1,Sq,Sk d40 blocks",   1, 2, 4, 2,  200,  333,  40, 0, {1,1,2,2}, {2,1,2,2}, 0, 0, 0, 2, 0},
+        {"bias B,Hkv,Sq,Sk without dbias",   1, 1, 4, 2,  200,  300,  64, 1, {0,0,0,0}, {2,3,2,2}, 0, 0, 0, 0, 0, 1},
+        {"mask+bias d128 (general kernel)",  0, 1, 4, 2,  333,  300, 128, 1, {2,2,2,2}, {2,2,2,2}, 0, 0, 0, 2, 0},
+        {"causal 1030 f16 d128",             0, 1, 2, 2, 1030, 1030, 128, 1, {0,0,0,0}, {0,0,0,0}, 0, 0, 0, 0, 0},
     };
     const int idx_small[] = {0, 3, 4, 12, 17, 22, 25};
     int n_fail = 0, n = 0;
