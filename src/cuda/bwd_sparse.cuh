@@ -115,7 +115,9 @@ __device__ __forceinline__ void store_ctile(T *s, const float (&c)[8][4], int ro
                 fdma_pack2<T>(c[n][2 * hf] * f(n, 2 * hf), c[n][2 * hf + 1] * f(n, 2 * hf + 1));
 }
 
-template <typename T, int kDp>
+/* kGen: dropout and softcap compiled in (the launcher picks kGen = false when the call has neither). Scores are
+ * taken to the exp2 domain once: bias staged times log2 e, p = 2^(s scale log2 e + bias log2 e - lse log2 e). */
+template <typename T, int kDp, bool kGen>
 __global__ void __launch_bounds__(32 * SparseSmem<kDp>::kWarps, 1) sparse_kernel(const Args a) {
 #ifndef FDMA_BWD_NO_DEVICE_CODE
     using Sm = SparseSmem<kDp>;
@@ -130,7 +132,8 @@ __global__ void __launch_bounds__(32 * SparseSmem<kDp>::kWarps, 1) sparse_kernel
     T *sdS = sP + kBM * kPS;    /* [kBM][kPS]: dS (softcap factor applied) */
     int *sIdx = reinterpret_cast<int *>(sdS + kBM * kPS); /* [2][kBN] key index of each tile row (>= Sk: none) */
     int *sExp = sIdx + 2 * kBN;                                    /* [2][kBN] its expiry */
-    float *sBv = reinterpret_cast<float *>(sExp + 2 * kBN);       /* [2][kBN] its bias (per-key bias), or 0 */
+    float *sBv = reinterpret_cast<float *>(sExp + 2 * kBN);       /* [2][kBN] its bias (per-key bias) x log2 e */
+    constexpr float kLog2e = 1.4426950408889634f;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, t4 = lane & 3;
     const int row0 = warp * 16;
     const Lane L = make_lane(lane);
@@ -165,7 +168,7 @@ __global__ void __launch_bounds__(32 * SparseSmem<kDp>::kWarps, 1) sparse_kernel
             if (ch == 0) {
                 sIdx[buf * kBN + rr] = j >= 0 ? j : INT_MAX;
                 sExp[buf * kBN + rr] = j < 0 ? 0 : elist ? __ldg(elist + pos) : INT_MAX;
-                sBv[buf * kBN + rr] = (brow && j >= 0) ? to_f(brow[(int64_t)j * a.bs[3]]) : 0.f;
+                sBv[buf * kBN + rr] = (brow && j >= 0) ? to_f(brow[(int64_t)j * a.bs[3]]) * kLog2e : 0.f;
             }
         }
     };
@@ -174,6 +177,7 @@ __global__ void __launch_bounds__(32 * SparseSmem<kDp>::kWarps, 1) sparse_kernel
 
     float lse_r[2], di_r[2];
     row_stats(a, b, h, i0 + row0 + gid, lse_r, di_r);
+    const float lse2[2] = {lse_r[0] * kLog2e, lse_r[1] * kLog2e}, scale2 = a.scale * kLog2e;
     float *dkrow = a.dkacc + ((int64_t)b * a.Hkv + hkv) * a.Sk * a.D;
     float *dvrow = a.dvacc + ((int64_t)b * a.Hkv + hkv) * a.Sk * a.D;
     float *dbrow = a.dbias_mode == DBIAS_ACC_ROWS ? a.dbacc + b * a.acs[0] + (int64_t)(h / a.achdiv) * a.acs[1] : nullptr;
@@ -209,19 +213,27 @@ __global__ void __launch_bounds__(32 * SparseSmem<kDp>::kWarps, 1) sparse_kernel
 #pragma unroll
                 for (int u = 0; u < 2; u++) {
                     const int c = n * 8 + 2 * t4 + u;
-                    float x = s[n][2 * hf + u] * a.scale;
-                    if (a.softcap > 0.f) x = a.softcap * tanhf(x * a.inv_softcap);
-                    x += sBb[c];
+                    const float x = kGen && a.softcap > 0.f
+                                        ? a.softcap * kLog2e * tanhf(s[n][2 * hf + u] * a.scale * a.inv_softcap) + sBb[c]
+                                        : fmaf(s[n][2 * hf + u], scale2, sBb[c]);
                     const bool v = sI[c] <= lim && lim < sEb[c];
-                    s[n][2 * hf + u] = v ? exp2f((x - lse_r[hf]) * 1.4426950408889634f) : 0.f;
+                    s[n][2 * hf + u] = v ? exp2f(x - lse2[hf]) : 0.f;
                 }
         }
-        const uint32_t keep = a.dropout ? keep_bits<false, 8>(a, b, h, i0, 0, row0, lane, sI) : 0xffffffffu;
-        store_ctile<T, kPS>(sP, s, row0, lane,
-                            [&](int n, int e) { return ((keep >> (4 * n + e)) & 1) ? a.drop_scale : 0.f; });
+        const uint32_t keep = kGen && a.dropout ? keep_bits<false, 8>(a, b, h, i0, 0, row0, lane, sI) : 0xffffffffu;
+        store_ctile<T, kPS>(sP, s, row0, lane, [&](int n, int e) {
+            return !kGen ? 1.f : ((keep >> (4 * n + e)) & 1) ? a.drop_scale : 0.f;
+        });
         float dp[8][4];
         gemm_rows_bt<T, kDp, 8>(dp, sdO, row0, sVb, ksteps, L); /* dP = dO V^T */
-        dp_to_ds<false, 8>(a, dp, s, keep, row0, lane, [&](int il) { return di_r[(il - row0) >> 3]; });
+        if constexpr (kGen) {
+            dp_to_ds<false, 8>(a, dp, s, keep, row0, lane, [&](int il) { return di_r[(il - row0) >> 3]; });
+        } else {
+#pragma unroll
+            for (int n = 0; n < 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) dp[n][e] = s[n][e] * (dp[n][e] - di_r[e >> 1]);
+        }
         if (dbrow) { /* column sums of dS over this warp's 16 rows */
 #pragma unroll
             for (int n = 0; n < 8; n++) {
@@ -238,7 +250,7 @@ __global__ void __launch_bounds__(32 * SparseSmem<kDp>::kWarps, 1) sparse_kernel
                 }
             }
         }
-        if (a.softcap > 0.f) {
+        if (kGen && a.softcap > 0.f) {
             gemm_rows_bt<T, kDp, 8>(s, sQ, row0, sKb, ksteps, L);
             softcap_grad<8>(a, dp, s);
         }
@@ -260,7 +272,7 @@ template <typename T, int kDp>
 cudaError_t launch_sparse(const Args &a, cudaStream_t st) {
     using Sm = SparseSmem<kDp>;
     const size_t sm = Sm::bytes_of(sizeof(T));
-    auto k = sparse_kernel<T, kDp>;
+    auto k = a.dropout || a.softcap > 0.f ? sparse_kernel<T, kDp, true> : sparse_kernel<T, kDp, false>;
     cudaError_t err = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
     if (err != cudaSuccess) return err;
     k<<<dim3((unsigned)((a.Sq + Sm::kBM - 1) / Sm::kBM), (unsigned)a.H, (unsigned)a.B), 32 * Sm::kWarps, sm, st>>>(a);
