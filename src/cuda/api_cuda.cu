@@ -111,6 +111,21 @@ static int fwd_features(const fdma_params *pa, int sparse) {
            (pa->p_drop > 0.f ? FDMA_F_DROP : 0) | (gather ? FDMA_F_GATHER : 0) | (pa->softcap > 0.f ? FDMA_F_CAP : 0);
 }
 
+/* Bytes of the mask summary the forward computes itself (workspace, 256-aligned): the mask + bias instantiation at
+ * DT = 128 has no in-loop probe (fwd_kernel.cuh, AUX_TOP), so without the caller's summary it would compute
+ * all-False tiles; one pass over the mask restores the skipping. 0 when not needed. */
+static size_t fwd_autosum_bytes(const fdma_params *pa, int dt, int sparse) {
+    if (!pa->mask.ptr || pa->mask_summary || dt != 128 || fdma_fwd_inst(dt, fwd_features(pa, sparse)) != FDMA_F_MB)
+        return 0;
+    const fdma_view4 *m = &pa->mask;
+    const size_t b = (size_t)(m->dim[0] * m->dim[1] * ((m->dim[2] + 63) / 64) * ((pa->Sk + 63) / 64));
+    return (b + 255) & ~(size_t)255;
+}
+
+static size_t fwd_lse_bytes(const fdma_params *p) {
+    return (p->probs && !p->lse) ? (((size_t)(p->B * p->H * p->Sq) * sizeof(float) + 255) & ~(size_t)255) : 0;
+}
+
 extern "C" fdma_status fdma_cuda_fwd_plan(const fdma_params *p, fdma_plan *plan) {
     if (p->dtype != FDMA_DTYPE_F16 && p->dtype != FDMA_DTYPE_BF16)
         return fdma_set_error(FDMA_STATUS_UNSUPPORTED, "dtype: the CUDA forward runs fp16 and bf16, got fp32 (use "
@@ -146,10 +161,10 @@ extern "C" fdma_status fdma_cuda_fwd_plan(const fdma_params *p, fdma_plan *plan)
              inst, fdma_fwd_warps_f(dt, inst), fdma_fwd_mi_f(dt, inst));
     plan->variant = dt;
     plan->flags = gather;
-    /* workspace: the selection; the gathered-key lists; then lse when the probabilities need it and the caller
-       gave none */
-    plan->workspace_bytes = w.bytes + fwd_gather_bytes(&pa) +
-                            ((p->probs && !p->lse) ? (size_t)(p->B * p->H * p->Sq) * sizeof(float) : 0);
+    /* workspace: the selection; the gathered-key lists; lse when the probabilities need it and the caller gave
+       none; the mask summary the launcher computes (fwd_autosum_bytes) */
+    plan->workspace_bytes = w.bytes + fwd_gather_bytes(&pa) + fwd_lse_bytes(p) +
+                            fwd_autosum_bytes(&pa, dt, w.mode == FDMA_WIN_SPARSE);
     return FDMA_STATUS_OK;
 }
 
@@ -206,8 +221,16 @@ static fdma_status fwd_run_attention(const fdma_params *p, const fdma_plan *plan
         kp.m_si = kp.m_rows_bcast ? 0 : m->stride[2];
         kp.m_sj = m->stride[3];
         kp.m_vec = aligned16(m->ptr) && kp.m_sj == 1 && ((kp.m_sb | kp.m_sh | kp.m_si) & 15) == 0;
-        if (p->mask_summary) {
-            kp.summary = p->mask_summary;
+        const size_t sbytes = fwd_autosum_bytes(p, dt, view->lists != NULL);
+        const uint8_t *summary = p->mask_summary;
+        if (sbytes) {
+            uint8_t *own = reinterpret_cast<uint8_t *>(ws + gbytes + fwd_lse_bytes(p));
+            fdma_status st = fdma_cuda_mask_summarize(p, own, sbytes);
+            if (st != FDMA_STATUS_OK) return st;
+            summary = own;
+        }
+        if (summary) {
+            kp.summary = summary;
             kp.s_rows = (int)((m->dim[2] + 63) / 64);
             kp.s_cols = (int)((p->Sk + 63) / 64);
             kp.s_si = kp.s_cols;

@@ -184,8 +184,8 @@ static constexpr int fdma_fwd_inst(int dt, int f) {
 
 /* Forward kernel shape for a head-dim tile: warps per CTA, 16-row blocks per warp (MI), query rows per CTA.
  * MI = 2 halves the shared-memory fragment traffic per MMA but needs 2x the accumulator registers: it fits
- * (no spills) for DT = 64; at DT = 128 the general and mask + bias instantiations use 8 warps x 1 block,
- * the plain and bias + gather ones 4 x 2 (fdma_fwd_mi_f below). */
+ * (no spills) for DT = 64; at DT = 128 the general instantiation uses 8 warps x 1 block, the plain, mask + bias
+ * and bias + gather ones 4 x 2 (fdma_fwd_mi_f below). */
 #ifndef FDMA_FWD_D128_WARPS
 #define FDMA_FWD_D128_WARPS 8
 #endif
@@ -202,8 +202,9 @@ static constexpr int fdma_fwd_rows(int dt) { return 16 * fdma_fwd_warps(dt) * fd
 #ifndef FDMA_FWD_D128_PLAIN_MI
 #define FDMA_FWD_D128_PLAIN_MI 2
 #endif
+/* mask + bias at 4 x 2 (one mask buffer: 108 KB of shared memory, 2 CTAs per SM) */
 #ifndef FDMA_FWD_D128_MB_MI
-#define FDMA_FWD_D128_MB_MI 1
+#define FDMA_FWD_D128_MB_MI 2
 #endif
 #ifndef FDMA_FWD_D128_BG_MI
 #define FDMA_FWD_D128_BG_MI 2
@@ -214,7 +215,10 @@ static constexpr int fdma_fwd_rows(int dt) { return 16 * fdma_fwd_warps(dt) * fd
 #define FDMA_FWD_D64_ALL_MI 1
 #endif
 static constexpr int fdma_fwd_mi_f(int dt, int feat) {
-    return dt == 128  ? (feat == 0 ? FDMA_FWD_D128_PLAIN_MI : feat == FDMA_F_BG ? FDMA_FWD_D128_BG_MI : FDMA_FWD_D128_MB_MI)
+    return dt == 128  ? (feat == 0           ? FDMA_FWD_D128_PLAIN_MI
+                         : feat == FDMA_F_BG  ? FDMA_FWD_D128_BG_MI
+                         : feat == FDMA_F_MB  ? FDMA_FWD_D128_MB_MI
+                                              : fdma_fwd_mi(dt))
            : dt == 64 ? (feat == FDMA_F_ALL ? FDMA_FWD_D64_ALL_MI : fdma_fwd_mi(dt))
                       : fdma_fwd_mi(dt);
 }

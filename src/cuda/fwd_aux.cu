@@ -100,29 +100,47 @@ fdma_status fdma_cuda_gather_launch(const FdmaFwdParams &kp, const fdma_params *
     return fdma_cuda_check_launch("cuda_fwd_gather_lists");
 }
 
+/* 16 mask bytes -> (any nonzero, all nonzero) */
+__device__ __forceinline__ void fdma_summary_bytes(uint4 x, int &any, int &all) {
+    const uint32_t w[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        any |= w[e] != 0;
+        all &= ((w[e] - 0x01010101u) & ~w[e] & 0x80808080u) == 0; /* no zero byte */
+    }
+}
+
+/* One warp per 64 x 64 tile (grid-stride over tiles): lane c covers 16-byte chunks c, c + 32, ... of the tile's 64
+ * rows x 4 chunks; vec: 16-byte loads (contiguous keys, 16-byte aligned rows), else byte loads. */
 __global__ void __launch_bounds__(256)
     fdma_summary_kernel(const uint8_t *mask, int64_t d0, int64_t d1, int64_t d2, int64_t Sk, int64_t s0, int64_t s1,
-                        int64_t s2, int64_t s3, uint8_t *summary, int64_t tiles) {
+                        int64_t s2, int64_t s3, int vec, uint8_t *summary, int64_t tiles) {
     const int64_t tr_n = (d2 + 63) / 64, tc_n = (Sk + 63) / 64;
-    for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+    const int lane = threadIdx.x & 31;
+    const int64_t warps = (int64_t)gridDim.x * (blockDim.x >> 5);
+    for (int64_t t = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); t < tiles; t += warps) {
         const int64_t tc = t % tc_n, tr = (t / tc_n) % tr_n, a1 = (t / (tc_n * tr_n)) % d1,
                       a0 = t / (tc_n * tr_n * d1);
-        const int64_t i = tr * 64 + (threadIdx.x >> 2), j0 = tc * 64 + (threadIdx.x & 3) * 16;
+        const uint8_t *base = mask + (d0 > 1 ? a0 * s0 : 0) + (d1 > 1 ? a1 * s1 : 0);
         int any = 0, all = 1;
-        if (i < d2) {
-            const uint8_t *row = mask + (d0 > 1 ? a0 * s0 : 0) + (d1 > 1 ? a1 * s1 : 0) + (d2 > 1 ? i * s2 : 0);
-            for (int e = 0; e < 16; e++) {
-                const int64_t j = j0 + e;
-                if (j < Sk) {
+#pragma unroll 4
+        for (int c = lane; c < 256; c += 32) {
+            const int64_t i = tr * 64 + (c >> 2), j0 = tc * 64 + (c & 3) * 16;
+            if (i >= d2 || j0 >= Sk) continue;
+            const uint8_t *row = base + (d2 > 1 ? i * s2 : 0);
+            if (vec && j0 + 16 <= Sk) {
+                fdma_summary_bytes(__ldg(reinterpret_cast<const uint4 *>(row + j0)), any, all);
+            } else {
+                for (int64_t j = j0; j < j0 + 16 && j < Sk; j++) {
                     const int v = row[j * s3] != 0;
                     any |= v;
                     all &= v;
                 }
             }
         }
-        any = __syncthreads_or(any);
-        all = __syncthreads_and(all);
-        if (threadIdx.x == 0) summary[t] = any ? (all ? 2 : 1) : 0;
+        any = __any_sync(0xffffffffu, any);
+        all = __all_sync(0xffffffffu, all);
+        if (lane == 0) summary[t] = any ? (all ? 2 : 1) : 0;
     }
 }
 
@@ -137,9 +155,11 @@ extern "C" fdma_status fdma_cuda_mask_summarize(const fdma_params *p, uint8_t *s
     fdma_status st = fdma_cuda_check_device_ptr(p->mask.ptr, "mask");
     if (st == FDMA_STATUS_OK) st = fdma_cuda_check_device_ptr(summary, "summary");
     if (st != FDMA_STATUS_OK) return st;
-    const int64_t grid = tiles < (1 << 20) ? tiles : (1 << 20);
+    const int64_t *ms = p->mask.stride;
+    const int vec = ms[3] == 1 && (((uintptr_t)p->mask.ptr | (uintptr_t)(d0 > 1 ? ms[0] : 0) |
+                                    (uintptr_t)(d1 > 1 ? ms[1] : 0) | (uintptr_t)(d2 > 1 ? ms[2] : 0)) & 15) == 0;
+    const int64_t blocks = (tiles + 7) / 8, grid = blocks < (1 << 16) ? blocks : (1 << 16);
     fdma_summary_kernel<<<(unsigned)grid, 256, 0, (cudaStream_t)p->stream>>>(
-        static_cast<const uint8_t *>(p->mask.ptr), d0, d1, d2, Sk, p->mask.stride[0], p->mask.stride[1],
-        p->mask.stride[2], p->mask.stride[3], summary, tiles);
+        static_cast<const uint8_t *>(p->mask.ptr), d0, d1, d2, Sk, ms[0], ms[1], ms[2], ms[3], vec, summary, tiles);
     return fdma_cuda_check_launch("cuda_mask_summarize");
 }

@@ -7,8 +7,8 @@
  * blocks of 16 query rows. The kernel is instantiated per feature set FEAT (FDMA_F_* bits: mask, bias,
  * dropout, gathered keys, softcap; a clear bit compiles the feature out) and the launcher picks the smallest
  * that covers the call (fdma_fwd_inst): plain (FEAT 0), mask + bias (W2), bias + gather (W1, W1c), or all.
- * Warps x row blocks (common.cuh): D <= 64: 4 x 2 (general 8 x 1); D <= 128: plain and bias + gather 4 x 2
- * (FA2's layout; it fits in 255 registers only without the other features), mask + bias and general 8 x 1;
+ * Warps x row blocks (common.cuh): D <= 64: 4 x 2 (general 8 x 1); D <= 128: plain, mask + bias and bias +
+ * gather 4 x 2 (FA2's layout; it fits in 255 registers only without the other features), general 8 x 1;
  * larger: 4 x 1. BR is the same for all instantiations of a tile.
  * Key/value tiles of BC = 64 rows stream through shared memory (K and the mask double-buffered):
  *
@@ -30,7 +30,11 @@
  * K/V/bias load and no math: with p->mask_summary the tile status (0 none, 1 mixed, 2 all True) is read
  * from the summary one tile ahead; without it (probe mode) the next mask tile is copied into the spare mask
  * buffer during this tile, and at the middle barrier (__syncthreads_or) each thread says whether its own
- * chunks hold a True; K(n') is then issued there.
+ * chunks hold a True; K(n') is then issued there. Mask + bias at DT = 128 has one mask buffer (108 KB of shared
+ * memory: 2 CTAs per SM): it waits for bias(n) and mask(n) at the top barrier and folds the mask into the bias
+ * tile there (AUX_TOP below); without a summary it would probe only up to the first active tile, then take every
+ * tile as mixed, so the launcher (api_cuda.cu, fwd_autosum_bytes) computes the summary into the workspace when the
+ * caller passes none.
  *
  * Keys are addressed through key_row(n, r): dense, 64*n + r; gathered (p.gather, used for a mask whose rows
  * broadcast, e.g. (B, Hkv, 1, Sk)), the n-th 64 entries of the increasing list of kept keys of (b, h), so
@@ -92,9 +96,12 @@ template <int DT_, int NW_, int MI_, int FEAT_ = FDMA_F_ALL> struct FdmaFwdCfg {
     /* bias: a BR x BC tile (dense keys) or the gathered row of BC floats (it starts the same region) */
     static constexpr int BIAS_BYTES = !(FEAT_ & FDMA_F_BIAS) ? 0 : G_ONLY ? BC * 4 : BR * BIAS_LD * 2;
     static constexpr int MASK_BYTES = (FEAT_ & FDMA_F_MASK) ? BR * MASK_LD : 0;
+    /* mask tile buffers: two (probe mode reads the next tile's mask during this one), or one for mask + bias at
+       DT = 128 (4 x 2: 108 KB, 2 CTAs per SM), which always runs with a summary (the launcher makes one) */
+    static constexpr int MASK_BUFS = (FEAT_ == FDMA_F_MB && DT_ == 128) ? 1 : 2;
     /* gathered keys: 3 slots of [64] key indices and [64] expiries, then [NW][64] visibility words */
     static constexpr int IDX_BYTES = (FEAT_ & FDMA_F_GATHER) ? 3 * 2 * 64 * 4 + NW * 64 * 4 : 0;
-    static constexpr int SMEM = Q_BYTES + 3 * KV_BYTES + BIAS_BYTES + 2 * MASK_BYTES + IDX_BYTES;
+    static constexpr int SMEM = Q_BYTES + 3 * KV_BYTES + BIAS_BYTES + MASK_BUFS * MASK_BYTES + IDX_BYTES;
     static constexpr bool Q_IN_REGS = MI == 1 && DT <= 128;
     static_assert(DT % 64 == 0, "head-dim tile must be a multiple of 64 (swizzle groups of 8 chunks)");
 };
@@ -130,11 +137,12 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
     uint8_t *sV = sK + 2 * C::KV_BYTES;
     uint16_t *sBias = reinterpret_cast<uint16_t *>(sV + C::KV_BYTES);
     uint8_t *sMask = sV + C::KV_BYTES + C::BIAS_BYTES;
-    /* sMask: two buffers (the next tile's mask is probed in place). Gathered keys: the list entries of tile n
+    /* sMask: C::MASK_BUFS buffers (two: the next tile's mask is probed in place; mask_buf(kb) goes with K
+       buffer kb). Gathered keys: the list entries of tile n
        (key index; SPARSE window: and its expiry) in slot n % 3, copied with K(n - 1) (one tile ahead of their
        use by the K loader); sVis: per warp, a word per key of the current tile, bit k = row wrow + k sees it;
        sBiasG: the gathered (row-broadcast) bias of the current tile as floats */
-    int *sIdx = reinterpret_cast<int *>(sMask + 2 * C::MASK_BYTES);
+    int *sIdx = reinterpret_cast<int *>(sMask + C::MASK_BUFS * C::MASK_BYTES);
     int *sExp = sIdx + 3 * 64;
     uint32_t *sVis = reinterpret_cast<uint32_t *>(sExp + 3 * 64);
     float *sBiasG = reinterpret_cast<float *>(sBias);
@@ -182,6 +190,16 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
     if (p.causal && jmax < 0) n_end = 0;
     /* none, summary, probe (read the mask tile ahead, test it in shared memory); gathered keys are all kept (the tile status says where causal ends) */
     const int mask_mode = (!mg || gather) ? 0 : (p.summary ? 1 : 2);
+    /* mask tiles copied with the bias (their own cp.async group, after the middle barrier): summary mode, and
+       probe mode with one mask buffer (no probe in the loop: every tile after the first active one is mixed) */
+    const bool mask_aux = mask_mode == 1 || (C::MASK_BUFS == 1 && mask_mode == 2);
+    /* One mask buffer (mask + bias at DT = 128): the bias/mask group of a tile is waited for at the tile's top
+       barrier; each warp copies its own rows of both, a broadcast row included, and folds the mask into the bias
+       tile there (bias = -inf where False; a mask without bias makes a 0 / -inf tile), while only O is live.
+       The score loop then adds the bias tile alone. */
+    constexpr bool AUX_TOP = C::MASK_BUFS == 1;
+    const bool own_b = AUX_TOP || !p.b_rows_bcast, own_m = AUX_TOP || !p.m_rows_bcast; /* warp-own rows */
+    auto mask_buf = [&](int kb) { return C::MASK_BUFS == 1 ? sMask : sMask + kb * C::MASK_BYTES; }; /* of K buffer kb */
 
     /* ---- loaders ---- */
     /* K/V row offsets (elements, rows up to Sk + 63) fit in 32 bits */
@@ -229,7 +247,7 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
        __syncwarp before reading them); a row-broadcast tile (one row) is copied by the first threads. */
     auto load_bias = [&](int n) {
         const int j0 = n * 64;
-        const bool own = !p.b_rows_bcast;
+        const bool own = own_b;
         if (FDMA_FWD_FAST_LOAD && own && p.b_vec) { /* lane: chunk lane % 8 of rows wrow + lane / 8 + 4 it */
             int i = i0 + wrow + (lane >> 3);
             const int j = j0 + (lane & 7) * 8;
@@ -286,11 +304,11 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
     auto load_mask_async = [&](int n, int kb) {
 #pragma unroll
         for (int t = 0; t < 2 * MI; t++) {
-            const bool own = !p.m_rows_bcast;
+            const bool own = own_m;
             const int c = own ? lane + 32 * t : tid + t * THREADS;
             if (c >= (own ? 64 * MI : 4)) break;
             const int r = (own ? wrow : 0) + (c >> 2), j = n * 64 + (c & 3) * 16, i = i0 + r;
-            uint8_t *dst = sMask + kb * C::MASK_BYTES + r * C::MASK_LD + (c & 3) * 16;
+            uint8_t *dst = mask_buf(kb) + r * C::MASK_LD + (c & 3) * 16;
             if (p.m_vec) {
                 const bool ok = (p.m_rows_bcast || i < Sq) && j < Sk;
                 const uint8_t *src = mg + (p.m_rows_bcast ? 0 : (int64_t)i * p.m_si) + j;
@@ -335,7 +353,7 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
         } else if (has_bias) {
             load_bias(n);
         }
-        if (st == 1 && mask_mode == 1) load_mask_async(n, kb); /* probe mode: already there */
+        if (st == 1 && mask_aux) load_mask_async(n, kb); /* probe mode with two buffers: already there */
     };
     /* probe: does any of this thread's own chunks of mask buffer kb hold a True? (its own cp.async
        copies are visible to it after cp.async.wait_group) */
@@ -343,10 +361,10 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
         uint32_t a = 0;
 #pragma unroll
         for (int t = 0; t < 2 * MI; t++) {
-            const bool own = !p.m_rows_bcast;
+            const bool own = own_m;
             const int c = own ? lane + 32 * t : tid + t * THREADS;
             if (c < (own ? 64 * MI : 4)) {
-                const uint4 v = *reinterpret_cast<const uint4 *>(sMask + kb * C::MASK_BYTES +
+                const uint4 v = *reinterpret_cast<const uint4 *>(mask_buf(kb) +
                                                                  ((own ? wrow : 0) + (c >> 2)) * C::MASK_LD + (c & 3) * 16);
                 a |= v.x | v.y | v.z | v.w;
             }
@@ -398,7 +416,7 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
     }
     /* Status of the tile after the current one is read one tile ahead: summary bytes (su) or the first key of
        its index slot. Except in probe mode, K of the next tile is issued at the top of the current one. */
-    const bool early = mask_mode != 2;
+    const bool early = C::MASK_BUFS == 1 || mask_mode != 2;
     int su = 0;
     if (mask_mode == 1 && n + 1 < n_end) su = summary_raw(n + 1);
 
@@ -426,10 +444,38 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
     const int row0 = i0 + wrow + g;
     const uint64_t drow0 = ((uint64_t)b * p.H + h) * (uint64_t)Sq + (uint64_t)row0;
 
+    /* AUX_TOP: mask tile kb into this warp's rows of the bias tile (bias = -inf where False; no bias: 0). Two
+       chunks at a time: fully unrolled, ptxas keeps 4 bytes of the score loop's state in local memory. */
+    auto fold_mask = [&](int kb) {
+        const uint32_t ninf = fdma_from_float<T>(-INFINITY);
+#pragma unroll 2
+        for (int t = 0; t < 2 * MI; t++) { /* chunk c: row wrow + c / 4, keys 16 (c % 4) .. + 15 */
+            const int c = lane + 32 * t, r = wrow + (c >> 2);
+            const uint4 m = *reinterpret_cast<const uint4 *>(mask_buf(kb) + r * C::MASK_LD + (c & 3) * 16);
+            const uint32_t mw[4] = {m.x, m.y, m.z, m.w};
+            uint4 *bp = reinterpret_cast<uint4 *>(sBias + r * C::BIAS_LD + (c & 3) * 16);
+#pragma unroll
+            for (int hh = 0; hh < 2; hh++) { /* keys 8 hh .. 8 hh + 7 of the chunk: bias word e = keys 2e, 2e + 1 */
+                const uint4 bv = has_bias ? bp[hh] : make_uint4(0, 0, 0, 0);
+                uint32_t w[4] = {bv.x, bv.y, bv.z, bv.w};
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const uint32_t mb = mw[2 * hh + (e >> 1)] >> (16 * (e & 1));
+                    if (!(mb & 0xffu)) w[e] = (w[e] & 0xffff0000u) | ninf;
+                    if (!(mb & 0xff00u)) w[e] = (w[e] & 0xffffu) | ninf << 16;
+                }
+                bp[hh] = make_uint4(w[0], w[1], w[2], w[3]);
+            }
+        }
+        __syncwarp();
+    };
+
     /* ---- main loop over key tiles ---- */
     while (n < n_end) {
-        /* pending: K(n), then the bias/mask group of n (its own group: waited only before the scores) */
-        fdma_cp_async_wait<1>();
+        /* pending: K(n), then the bias/mask group of n (its own group: waited only before the scores, or here
+           with one mask buffer) */
+        if constexpr (AUX_TOP) fdma_cp_async_wait<0>();
+        else fdma_cp_async_wait<1>();
         __syncthreads();
         const uint8_t *sKc = sK + kb * C::KV_BYTES;
         const int ib = n % 3, ibn = ib == 2 ? 0 : ib + 1; /* index slots of tiles n and n + 1 (gathered) */
@@ -443,7 +489,7 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
         if (early) {
             if (nn < n_end) {
                 st_next = gather ? ((!p.causal || sIdx[64 * ibn] <= jmax) ? 2 : -1)
-                                 : mask_mode == 0 ? 2 : summary_status(su);
+                                 : mask_mode == 0 ? 2 : mask_mode == 1 ? summary_status(su) : 1;
                 while (st_next == 0) {
                     if (++nn >= n_end) break;
                     st_next = status_now(nn, kb ^ 1);
@@ -455,7 +501,7 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
                     k_pending = true;
                     after_v = 1;
                     if (gather && has_bias && tid < 64) gbias = gather_bias(ibn); /* lands during this tile */
-                    if (mask_mode == 1 && nn + 1 < n_end) su = summary_raw(nn + 1);
+                    if (!AUX_TOP && mask_mode == 1 && nn + 1 < n_end) su = summary_raw(nn + 1);
                 }
             }
         } else if (nn < n_end) {
@@ -469,6 +515,10 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
                 after_v = 2;
             }
         }
+
+        const bool folded = AUX_TOP && mask_aux && st == 1; /* the tile's bias has the mask in it */
+        if (folded) fold_mask(kb);
+        const bool bias_tile = has_bias || folded;
 
         /* Gathered keys: this warp's visibility word of each key c of the tile, bit k = row i0 + wrow + k sees it:
            c is in the list, j <= lim and (SPARSE) lim < e, with lim = i - Sq + Sk (causal) or Sk - 1. The score
@@ -535,23 +585,23 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
            and out-of-range keys become -inf. Each step is its own loop behind a warp-uniform test. */
         const int j0 = n * 64;
         /* this tile's bias/mask copies (warp-own rows; a broadcast row needs the whole CTA) */
-        if ((F_BIAS || F_MASK) && !gather && (has_bias || (mask_mode == 1 && st == 1))) {
+        if ((F_BIAS || F_MASK) && !AUX_TOP && !gather && (has_bias || (mask_aux && st == 1))) {
             if (after_v == 2) fdma_cp_async_wait<3>();
             else if (after_v == 1) fdma_cp_async_wait<2>();
             else fdma_cp_async_wait<1>();
-            if ((has_bias && p.b_rows_bcast) || (mask_mode == 1 && st == 1 && p.m_rows_bcast)) __syncthreads();
+            if ((has_bias && p.b_rows_bcast) || (mask_aux && st == 1 && p.m_rows_bcast)) __syncthreads();
             else __syncwarp();
         }
         /* Units: plain tiles (no bias, no softcap) stay raw and the softmax folds scale*log2(e) into one FFMA
            per element (sl = scale*log2 e); with a bias and no softcap S becomes scale*S + bias (one FFMA,
            sl = log2 e); with a softcap S becomes log2 units here (sl = 1). */
-        const bool plain = !has_bias && !has_cap && p.scale_log2 > 0.f;
-        const bool fused = has_bias && !has_cap;
+        const bool plain = !bias_tile && !has_cap && p.scale_log2 > 0.f;
+        const bool fused = bias_tile && !has_cap;
         const float sl = plain ? p.scale_log2 : fused ? FDMA_LOG2E : 1.f;
         if (!plain) {
             const float mul = has_cap ? p.scale * p.inv_softcap : fused ? p.scale : p.scale_log2;
             const float cap = p.softcap * FDMA_LOG2E;
-            if (has_bias) {
+            if (bias_tile) {
                 const float bmul = fused ? 1.f : FDMA_LOG2E;
                 auto add_bias = [&](float &x, float bv) {
                     x = has_cap ? fmaf(cap, tanhf(x * mul), bv * bmul) : fmaf(x, mul, bv * bmul);
@@ -575,7 +625,7 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
                     for (int mi = 0; mi < MI; mi++)
 #pragma unroll
                         for (int u = 0; u < 4; u++) {
-                            const int rl = p.b_rows_bcast ? 0 : wrow + 16 * mi + (lane & 15);
+                            const int rl = !own_b ? 0 : wrow + 16 * mi + (lane & 15);
                             uint32_t bw[4];
                             fdma_ldmatrix_x4(bw, sBias + rl * C::BIAS_LD + (2 * u + (lane >> 4)) * 8);
 #pragma unroll
@@ -596,7 +646,7 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
                             s[mi][t][e] = has_cap ? cap * tanhf(s[mi][t][e] * mul) : s[mi][t][e] * mul;
             }
         }
-        if (F_MASK && st == 1) {
+        if (F_MASK && !AUX_TOP && st == 1) {
 #pragma unroll
             for (int mi = 0; mi < MI; mi++)
 #pragma unroll
@@ -604,7 +654,7 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
 #pragma unroll
                     for (int r = 0; r < 2; r++) {
                         const int rl = p.m_rows_bcast ? 0 : wrow + 16 * mi + g + 8 * r;
-                        const uint32_t mw = *reinterpret_cast<const uint16_t *>(sMask + kb * C::MASK_BYTES +
+                        const uint32_t mw = *reinterpret_cast<const uint16_t *>(mask_buf(kb) +
                                                                                 rl * C::MASK_LD + t * 8 + 2 * qd);
                         if (!(mw & 0xffu)) s[mi][t][2 * r] = -INFINITY;
                         if (!(mw >> 8)) s[mi][t][2 * r + 1] = -INFINITY;
@@ -737,6 +787,8 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
             if (nn < n_end) {
                 issue_aux(nn, st_next, kb ^ 1);
                 fdma_cp_async_commit();
+                /* AUX_TOP: the summary of the tile after nn is read here, off the score loop's registers */
+                if (AUX_TOP && mask_mode == 1 && nn + 1 < n_end) su = summary_raw(nn + 1);
             }
         } else {
             st_next = __syncthreads_or(nn < n_end && probe_nonzero(kb ^ 1)) ? 1 : 0;
@@ -837,6 +889,10 @@ static fdma_status fdma_fwd_launch_t(const FdmaFwdParams &kp, cudaStream_t strea
                                   C::SMEM, cudaGetErrorString(e));
         }
     }
+    /* one mask buffer: sized for 2 CTAs per SM; ask for the whole carveout as shared memory */
+    if (C::MASK_BUFS == 1 && cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                                  (int)cudaSharedmemCarveoutMaxShared) != cudaSuccess)
+        cudaGetLastError(); /* only a hint */
     dim3 grid((unsigned)((int64_t)kp.H * kp.num_m_tiles), (unsigned)kp.B);
     kern<<<grid, C::THREADS, C::SMEM, stream>>>(kp);
     return fdma_cuda_check_launch(name);

@@ -494,7 +494,8 @@ static int check_refusals() {
 
 /* ---- C-level timing (BENCHMARKS.md workloads, bf16, causal) ---- */
 static void bench(int only) {
-    struct W { const char *name; int B, H, Hkv, S, D, form, w, summary, topk; }; /* topk: bias only, window w */
+    struct W { const char *name; int B, H, Hkv, S, D, form, w, summary, topk, blocks; }; /* topk: bias only, window w;
+                                                                                          blocks: fill_mask mode 1 */
     const W ws[] = {
         {"dense Sk=4K", 1, 16, 4, 4096, 128, 0, 0},   {"dense Sk=16K", 1, 16, 4, 16384, 128, 0, 0},
         {"W1 Sk=4K w=1024", 1, 16, 4, 4096, 128, 2, 1024}, {"W1 Sk=16K w=1024", 1, 16, 4, 16384, 128, 2, 1024},
@@ -504,6 +505,9 @@ static void bench(int only) {
         {"W2 Sk=4K w=1024 +summary", 1, 16, 4, 4096, 128, 6, 1024, 1}, {"W2 Sk=16K w=1024 +summary", 1, 16, 4, 16384, 128, 6, 1024, 1},
         /* W1c: causal per-key bias (B, Hkv, 1, Sk), top-1024 per row (selection included in the time) */
         {"W1c Sk=4K w=1024", 1, 16, 4, 4096, 128, 2, 1024, 0, 1}, {"W1c Sk=16K w=1024", 1, 16, 4, 16384, 128, 2, 1024, 0, 1},
+        /* W2 forms with two thirds of the 64-key tiles all False (tile skipping), without and with the summary */
+        {"W2 1/3 tiles Sk=16K", 1, 16, 4, 16384, 128, 6, 1024, 0, 0, 1},
+        {"W2 1/3 tiles Sk=16K +summary", 1, 16, 4, 16384, 128, 6, 1024, 1, 0, 1},
     };
     printf("\n%-30s %10s %10s %12s   %s\n", "workload (C harness)", "ms", "TFLOP/s", "useful TF/s",
            "kernel (plan name: ..._f<feature bits>_<warps>x<row blocks> = the instantiation)");
@@ -538,7 +542,7 @@ static void bench(int only) {
             CK(cudaMalloc(&bb, n * 2));
             /* random keep mask of density w/S (W1: w keys per row; W2 per-row top-w is timed with the same
                density: tile occupancy, not the exact selection, decides the cost here) */
-            fill_mask<<<1024, 256>>>(m, n, 1, dim[3], 21, (float)w.w / w.S, 0);
+            fill_mask<<<1024, 256>>>(m, n, 1, dim[3], 21, (float)w.w / w.S, w.blocks);
             fill_normal<<<1024, 256>>>(bb, n, 22, 1, 1.f);
             p.mask.ptr = m; p.bias.ptr = bb;
             for (int d = 0; d < 4; d++) p.mask.dim[d] = p.bias.dim[d] = dim[d];
@@ -641,8 +645,16 @@ int main(int argc, char **argv) {
         {"W1c window 200 -inf bias d64 129x300",     1, 2, 1,  129,  300,  64, 1, 1, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0.5f, 200},
         {"W1c window 64 dropout d128",               1, 2, 1,  200,  600, 128, 1, 1, 0, 2, 0, 0.1f, 0, 0, 0, 0, 0, 0, 0, 0.5f, 64},
         {"window 50 non-causal (B,Hkv,1,Sk) d128",   1, 4, 2,  100,  700, 128, 1, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.5f, 50},
+        /* full mask + bias through the mask + bias instantiation (f3; d128: 4 x 2, mask folded into the bias tile):
+           causal Sq != Sk, GQA, padded D, fully masked rows (r % 7 == 3), -inf bias, block mask, with and without
+           the summary (without: every tile after the first active one is taken as mixed) */
+        {"W2 mask+bias d96 causal GQA 4:1 300x1100 f16", 1, 8, 2, 300, 1100, 96, 0, 1, 6, 6, 0, 0, 0, 0, 0, 0, 1, 0, 1, 0.5f},
+        {"W2 block mask+bias d128 causal Sq>Sk 700x333", 2, 4, 2, 700,  333, 128, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0.6f},
+        {"mask+bias d40 causal GQA 2:1 257x500 -inf",  1, 4, 2,  257,  500,  40, 1, 1, 6, 5, 0, 0, 0, 0, 0, 0, 1, 0, 1, 0.5f},
+        {"mask only (B,H,Sq,Sk) d128 block 200x900",   1, 2, 2,  200,  900, 128, 1, 0, 1, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0.3f},
+        {"mask+bias d128 unaligned BHSD 130x260",      1, 2, 1,  130,  260, 128, 1, 1, 1, 6, 0, 0, 1, 3, 1, 0, 1, 0, 0, 0.5f},
     };
-    const int small_set[] = {0, 4, 8, 11, 12, 18, 22, 27, 30};
+    const int small_set[] = {0, 4, 8, 11, 12, 18, 22, 27, 30, 35, 39};
     int fails = check_refusals();
     int n = small ? (int)(sizeof(small_set) / sizeof(int)) : (int)(sizeof(cases) / sizeof(cases[0]));
     for (int t = 0; t < n; t++) {
