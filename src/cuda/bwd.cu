@@ -43,6 +43,7 @@ struct Config {
                          (B, Hkv, Sk, D) accumulators */
     int gather_rows;  /* sparse kernel over a row-broadcast mask: its kept-key lists (fdma_cuda_gather_launch) */
     int dense;        /* bwd_dense.cuh's one-pass kernel (dense_eligible; same grid and workspace as the dkdv kernel) */
+    int key_bias;     /* a bias whose rows broadcast (dim 2 == 1): the dense kernel's KEY-BIAS instantiations */
     size_t off_gl, off_di, off_dq, off_dk, off_dv, off_db, total;
 };
 
@@ -68,8 +69,6 @@ static void make_config(const fdma_params *p, int sparse_window, Config *c) {
     c->sparse = sparse;
     c->gather_rows = sparse && !sparse_window;
     c->Dp = p->D <= 64 ? 64 : p->D <= 128 ? 128 : 256;
-    c->dense = !sparse && dense_eligible(c->Dp, p->deterministic, p->p_drop > 0.f, p->softcap, sparse_window != 0,
-                                        p->bias.ptr != nullptr);
     c->kBN = key_block(c->Dp);
     const int64_t g = p->H / p->Hkv;
     c->b_per_cta = 1;
@@ -96,6 +95,12 @@ static void make_config(const fdma_params *p, int sparse_window, Config *c) {
         }
     }
     c->per_head = g > 1 && !heads_together && !sparse;
+    int64_t bs[4]; /* the bias strides as the kernels see them (Args::bs: 0 for a broadcast dim) */
+    for (int x = 0; x < 4; x++) bs[x] = p->bias.dim[x] == 1 ? 0 : p->bias.stride[x];
+    const int bias_form = dense_bias_form(p->bias.ptr, bs, c->dbias_mode, p->Sq);
+    c->key_bias = bias_form == DENSE_BIAS_KEY;
+    c->dense = !sparse && dense_eligible(c->Dp, p->deterministic, p->p_drop > 0.f, p->softcap, sparse_window != 0,
+                                        bias_form);
     const int64_t rows = p->B * p->H * p->Sq;
     size_t off = 0;
     c->off_di = off;
@@ -138,27 +143,37 @@ template <typename T> __device__ __forceinline__ void store8(T *p, const float (
     *reinterpret_cast<uint4 *>(p) = u;
 }
 
-/* Di (B, H, Sq): one warp per row, 8 elements per lane per step. */
+/* Di (B, H, Sq): lpr lanes per row (a power of two with 8 lpr >= D: one 16-byte chunk of out and of dout per lane
+ * and row), 32 / lpr rows per warp pass and kDiRows passes per warp, all loads issued before the sums (D = 128: 16
+ * lanes per row, 8 rows per warp, 8 loads in flight per lane). */
+constexpr int kDiRows = 4;
 template <typename T>
 __global__ void di_kernel(const T *out, const T *dout, int64_t os0, int64_t os1, int64_t os2, int64_t ds0,
-                          int64_t ds1, int64_t ds2, float *Di, int64_t H, int64_t Sq, int D, int64_t rows) {
-    const int64_t r = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    const int lane = threadIdx.x & 31;
-    if (r >= rows) return;
-    const int64_t i = r % Sq, h = (r / Sq) % H, b = r / (Sq * H);
-    const T *po = out + b * os0 + i * os1 + h * os2;
-    const T *pd = dout + b * ds0 + i * ds1 + h * ds2;
-    float acc = 0.f;
-    for (int d = lane * 8; d < D; d += 256) {
-        float x[8], y[8];
-        load8(po + d, x);
-        load8(pd + d, y);
+                          int64_t ds1, int64_t ds2, float *Di, int64_t H, int64_t Sq, int D, int64_t rows, int lpr) {
+    const int lane = threadIdx.x & 31, sub = lane & (lpr - 1), d = sub * 8, rpw = 32 / lpr;
+    const int64_t r0 = ((int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32) * rpw * kDiRows + lane / lpr;
+    float x[kDiRows][8], y[kDiRows][8];
 #pragma unroll
-        for (int e = 0; e < 8; e++) acc += x[e] * y[e];
+    for (int k = 0; k < kDiRows; k++) {
+        const int64_t r = r0 + (int64_t)k * rpw;
+        if (r < rows && d < D) {
+            const int64_t i = r % Sq, h = (r / Sq) % H, b = r / (Sq * H);
+            load8(out + b * os0 + i * os1 + h * os2 + d, x[k]);
+            load8(dout + b * ds0 + i * ds1 + h * ds2 + d, y[k]);
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; e++) x[k][e] = y[k][e] = 0.f;
+        }
     }
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-    if (lane == 0) Di[r] = acc;
+    for (int k = 0; k < kDiRows; k++) {
+        float acc = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc += x[k][e] * y[k][e];
+        for (int o = lpr >> 1; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        const int64_t r = r0 + (int64_t)k * rpw;
+        if (sub == 0 && r < rows) Di[r] = acc;
+    }
 }
 
 /* dq (B, Sq, H, D) = scale * acc (B, Sq, H, D) fp32. */
@@ -220,9 +235,11 @@ static unsigned blocks_for(int64_t n, int threads) { return (unsigned)((n + thre
 template <typename T>
 static cudaError_t run_small_pre(const fdma_params *p, float *Di, cudaStream_t st) {
     const int64_t rows = p->B * p->H * p->Sq;
-    di_kernel<T><<<blocks_for(rows, 8), 256, 0, st>>>(
+    int lpr = 1;
+    while (lpr * 8 < p->D) lpr *= 2; /* D <= 256: lpr <= 32 */
+    di_kernel<T><<<blocks_for(rows, 8 * (32 / lpr) * kDiRows), 256, 0, st>>>(
         (const T *)p->out, (const T *)p->dout, p->out_stride[0], p->out_stride[1], p->out_stride[2],
-        p->dout_stride[0], p->dout_stride[1], p->dout_stride[2], Di, p->H, p->Sq, (int)p->D, rows);
+        p->dout_stride[0], p->dout_stride[1], p->dout_stride[2], Di, p->H, p->Sq, (int)p->D, rows, lpr);
     return cudaGetLastError();
 }
 
@@ -325,7 +342,11 @@ extern "C" fdma_status fdma_cuda_bwd_plan(const fdma_params *p, fdma_plan *plan)
     make_config(&pa, w.mode == FDMA_WIN_SPARSE, &c);
     snprintf(plan->name, sizeof(plan->name), "cuda_bwd_%s_d%d%s%s%s", p->dtype == FDMA_DTYPE_BF16 ? "bf16" : "f16",
              c.Dp, w.mode == FDMA_WIN_SPARSE ? "_sparse" : w.mode == FDMA_WIN_MASK ? "_window" : "",
-             p->deterministic ? "_det" : c.gather_rows ? "_gather" : c.dense ? "_dense" : "",
+             p->deterministic ? "_det"
+             : c.gather_rows  ? "_gather"
+             : !c.dense       ? ""
+             : c.key_bias     ? "_dense_kbias"
+                              : "_dense",
              c.per_head ? "_gqasplit" : "");
     plan->workspace_bytes = w.bytes + c.total;
     plan->variant = c.Dp;

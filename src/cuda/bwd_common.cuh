@@ -22,9 +22,9 @@
  *     For kDp > 64 the dV and dK accumulators (16 x kDp fp32 per warp each) do not both fit in registers:
  *     the query loop runs once per 128-column slice of dV, then once per slice of dK (the first dK pass also
  *     does dQ and dbias), recomputing S^T each time (kDp = 128: 6 matrix products instead of 5).
- *   The common calls (dense_eligible: no dropout, softcap or window, default mode, kDp <= 128) run bwd_dense.cuh's
- *   one-pass kernel instead, with the same CTA ownership and the shared pieces below (DkdvTiles, load_q_tile,
- *   for_each_unit, begin_unit, dq_atomic, dbias_tile, write_kv).
+ *   The common calls (dense_eligible: no dropout, softcap or window, default mode, kDp <= 128, no bias, a per-key
+ *   bias or a full bias with 16-byte rows) run bwd_dense.cuh's one-pass kernel instead, with the same CTA ownership
+ *   and the shared pieces below (DkdvTiles, load_q_tile, for_each_unit, begin_unit, dq_atomic, dbias_tile, write_kv).
  *   dq kernel (deterministic=1 only), one CTA per (64 query rows, query head, batch), 4 warps of 16 rows:
  *     recomputes S, P, dP, dS over the visible key blocks and owns dq rows: no atomics.
  *   Small kernels in bwd.cu: Di = rowsum(dout * out), dq/dk/dv conversion and GQA reduction of per-head
@@ -868,12 +868,29 @@ cudaError_t launch_d256(const Args &a, int bf16, int deterministic, dim3 grid, c
 
 constexpr int key_block(int dp) { return dp > 128 ? 64 : 128; }
 
-/* The calls that bwd_dense.cuh's kernel runs (launch_dp; "_dense" in the plan name): head dim padded to 64 or 128
- * (with a bias: 64 only, dense_bias_ok), default (atomic dq) mode, no dropout, no softcap, no top-k window keys
- * (SPARSE lists or expiry). The dkdv and dq kernels above run the others. */
-constexpr bool dense_bias_ok(int dp) { return dp <= 64; } /* kDp = 128 with a bias: 4-40 bytes of spills for now */
-inline bool dense_eligible(int dp, int deterministic, bool dropout, float softcap, bool window_keys, bool bias) {
-    return dp <= 128 && !deterministic && !dropout && !(softcap > 0.f) && !window_keys && (!bias || dense_bias_ok(dp));
+/* Bias forms of a call, for dense_eligible: none; per-key (rows broadcast: bias dim 2 == 1, stride 0; bwd_dense.cuh's
+ * KEY-BIAS instantiations); full with 16-byte rows (contiguous keys, 16-byte aligned pointer and strides: staged in
+ * shared memory by 16-byte copies; dbias DIRECT, ACC or NONE); any other full bias (the general kernels). s: the
+ * bias strides with 0 for the broadcast dims (Args::bs); sq: the query rows. */
+enum { DENSE_BIAS_NONE = 0, DENSE_BIAS_KEY = 1, DENSE_BIAS_ROWS16 = 2, DENSE_BIAS_OTHER = 3 };
+inline int dense_bias_form(const void *bias, const int64_t (&s)[4], int dbias_mode, int64_t sq) {
+    if (!bias) return DENSE_BIAS_NONE;
+    /* per-key values; the KEY-BIAS dbias is one sum per key: right for no dbias, the row-broadcast partials
+       (ACC_ROWS) and DIRECT with one query row, not for a bias view with Sq rows of stride 0 (ACC / DIRECT) */
+    if (s[2] == 0)
+        return dbias_mode == DBIAS_NONE || dbias_mode == DBIAS_ACC_ROWS || (dbias_mode == DBIAS_DIRECT && sq == 1)
+                   ? DENSE_BIAS_KEY
+                   : DENSE_BIAS_OTHER;
+    const bool rows16 = (uintptr_t)bias % 16 == 0 && s[3] == 1 && s[2] % 8 == 0 && s[1] % 8 == 0 && s[0] % 8 == 0;
+    return rows16 ? DENSE_BIAS_ROWS16 : DENSE_BIAS_OTHER;
+}
+
+/* The calls that bwd_dense.cuh's kernel runs (launch_dp; "_dense" in the plan name): head dim padded to 64 or 128,
+ * default (atomic dq) mode, no dropout, no softcap, no top-k window keys (SPARSE lists or expiry), a bias of the
+ * first three forms above. The dkdv and dq kernels above run the others. */
+inline bool dense_eligible(int dp, int deterministic, bool dropout, float softcap, bool window_keys, int bias_form) {
+    return dp <= 128 && !deterministic && !dropout && !(softcap > 0.f) && !window_keys &&
+           bias_form != DENSE_BIAS_OTHER;
 }
 
 /* Launch kernel k (one Args by value) with sm bytes of dynamic shared memory. */

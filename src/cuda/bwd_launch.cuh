@@ -17,7 +17,8 @@ cudaError_t launch_dp(const Args &a, int deterministic, dim3 grid, cudaStream_t 
     constexpr int kBN = key_block(kDp);
     if constexpr (kDp <= 128) {
         if (a.ex_lists) return launch_sparse<T, kDp>(a, st);
-        if (dense_eligible(kDp, deterministic, a.dropout != 0, a.softcap, a.expiry != nullptr, a.bias != nullptr))
+        if (dense_eligible(kDp, deterministic, a.dropout != 0, a.softcap, a.expiry != nullptr,
+                           dense_bias_form(a.bias, a.bs, a.dbias_mode, a.Sq)))
             return launch_dense<T, kDp>(a, grid, st);
     }
     if (deterministic) {

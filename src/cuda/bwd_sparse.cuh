@@ -41,10 +41,7 @@ template <typename T, int kDp, int kQ16, int kAcc, int kC0, int kPS>
 __device__ __forceinline__ void sparse_key_side(const Args &a, const T *sA, const T *sB, int k0, const int *kidx,
                                                 float *dst, float mul, const Lane &L, int lane) {
     float acc[kAcc / 8][4];
-#pragma unroll
-    for (int n = 0; n < kAcc / 8; n++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) acc[n][e] = 0.f;
+    zero_acc(acc);
     const int nsteps = (a.D + 15) >> 4;
 #pragma unroll
     for (int kq = 0; kq < kQ16; kq++) {
@@ -183,10 +180,7 @@ __global__ void __launch_bounds__(32 * SparseSmem<kDp>::kWarps, 1) sparse_kernel
     float *dbrow = a.dbias_mode == DBIAS_ACC_ROWS ? a.dbacc + b * a.acs[0] + (int64_t)(h / a.achdiv) * a.acs[1] : nullptr;
 
     float acc[kDp / 8][4];
-#pragma unroll
-    for (int n = 0; n < kDp / 8; n++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) acc[n][e] = 0.f;
+    zero_acc(acc);
 
     for (int nb = 0; nb < nN; nb++) {
         const int buf = nb & 1;

@@ -14,7 +14,8 @@
  *   nvcc -O3 -std=c++17 --use_fast_math -gencode arch=compute_90,code=sm_90 -Iinclude -Isrc \
  *        src/cuda/bwd*.cu tests/cuda/test_bwd.cu -o test_bwd
  *   ./test_bwd            all cases          ./test_bwd --small   a few small cases (for compute-sanitizer)
- *   ./test_bwd --bench    timing (B=1, H=16, Hkv=4, D=128, causal, Sk = 4K and 16K; with/without per-key bias)
+ *   ./test_bwd --bench    timing (B=1, H=16, Hkv=4, D=128, causal, Sk = 4K and 16K; no bias, per-key bias, full
+ *                         bias (B, H, Sq, Sk), each with dbias; the plan name says which kernel ran)
  */
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -492,9 +493,11 @@ __global__ void fill_const(float *p, int64_t n, float v) {
     if (x < n) p[x] = v;
 }
 
+/* with_bias: 0 none, 1 per-key (B, Hkv, 1, Sk) + dbias (ACC_ROWS), 2 full (B, H, Sq, Sk) + dbias (DIRECT) */
 static void bench(int Sk, int with_bias, int det) {
     const int B = 1, H = 16, Hkv = 4, D = 128, Sq = Sk, bf16 = 1;
-    const int64_t nq = (int64_t)B * Sq * H * D, nk = (int64_t)B * Sk * Hkv * D, nb = (int64_t)B * Hkv * Sk;
+    const int64_t nq = (int64_t)B * Sq * H * D, nk = (int64_t)B * Sk * Hkv * D;
+    const int64_t nb = with_bias == 2 ? (int64_t)B * H * Sq * Sk : (int64_t)B * Hkv * Sk;
     uint16_t *q = dalloc<uint16_t>(nq), *k = dalloc<uint16_t>(nk), *v = dalloc<uint16_t>(nk),
              *out = dalloc<uint16_t>(nq), *dout = dalloc<uint16_t>(nq), *dq = dalloc<uint16_t>(nq),
              *dk = dalloc<uint16_t>(nk), *dv = dalloc<uint16_t>(nk), *bias = dalloc<uint16_t>(nb),
@@ -527,8 +530,9 @@ static void bench(int Sk, int with_bias, int det) {
     p.deterministic = det;
     if (with_bias) {
         p.bias.ptr = bias;
-        p.bias.dim[0] = B; p.bias.dim[1] = Hkv; p.bias.dim[2] = 1; p.bias.dim[3] = Sk;
-        p.bias.stride[0] = Hkv * Sk; p.bias.stride[1] = Sk; p.bias.stride[2] = Sk; p.bias.stride[3] = 1;
+        const int64_t bh = with_bias == 2 ? H : Hkv, b2 = with_bias == 2 ? Sq : 1;
+        p.bias.dim[0] = B; p.bias.dim[1] = bh; p.bias.dim[2] = b2; p.bias.dim[3] = Sk;
+        strides(p.bias.stride, bh, b2, Sk);
         p.dbias = dbias;
         for (int x = 0; x < 4; x++) p.dbias_stride[x] = p.bias.stride[x];
     }
@@ -560,7 +564,8 @@ static void bench(int Sk, int with_bias, int det) {
     const double med = ms[ms.size() / 2];
     const double flops = 2.5 * 4.0 * B * H * (double)Sq * Sk * D / 2.0;
     printf("bench bwd B=1 H=16 Hkv=4 D=128 causal Sq=Sk=%-6d %-22s %-34s median %8.3f ms (min %.3f)  %6.1f TFLOP/s\n",
-           Sk, with_bias ? "bias(B,Hkv,1,Sk)+dbias" : "no bias", plan.name, med, ms[0], flops / med * 1e-9);
+           Sk, with_bias == 2 ? "bias(B,H,Sq,Sk)+dbias" : with_bias ? "bias(B,Hkv,1,Sk)+dbias" : "no bias", plan.name,
+           med, ms[0], flops / med * 1e-9);
     cudaFree(q); cudaFree(k); cudaFree(v); cudaFree(out); cudaFree(dout); cudaFree(dq); cudaFree(dk); cudaFree(dv);
     cudaFree(bias); cudaFree(dbias); cudaFree(lse); cudaFree(ws);
 }
@@ -569,7 +574,7 @@ int main(int argc, char **argv) {
     const int small = argc > 1 && !strcmp(argv[1], "--small");
     if (argc > 1 && !strcmp(argv[1], "--bench")) {
         for (int Sk : {4096, 16384})
-            for (int wb = 0; wb < 2; wb++) bench(Sk, wb, 0);
+            for (int wb = 0; wb < 3; wb++) bench(Sk, wb, 0);
         bench(16384, 0, 1);
         return 0;
     }
@@ -615,8 +620,25 @@ int main(int argc, char **argv) {
         {"bias B,Hkv,Sq,Sk without dbias",   1, 1, 4, 2,  200,  300,  64, 1, {0,0,0,0}, {2,3,2,2}, 0, 0, 0, 0, 0, 1},
         {"mask+bias d128 (general kernel)",  0, 1, 4, 2,  333,  300, 128, 1, {2,2,2,2}, {2,2,2,2}, 0, 0, 0, 2, 0},
         {"causal 1030 f16 d128",             0, 1, 2, 2, 1030, 1030, 128, 1, {0,0,0,0}, {0,0,0,0}, 0, 0, 0, 0, 0},
+        /* the dense kernel's KEY-BIAS instantiations (bias dim 2 == 1): ACC_ROWS dbias (GQA, batch and head
+           broadcast), DIRECT (Sq = 1), no dbias, with a mask, padded D */
+        {"kbias B,Hkv,1,Sk f16 causal Sq>Sk",0, 2, 8, 2,  300,  257, 128, 1, {0,0,0,0}, {2,3,1,2}, 0, 0, 0, 0, 0},
+        {"kbias 1,1,1,Sk d120 causal Sq<Sk", 1, 2, 4, 2,   77,  500, 120, 1, {0,0,0,0}, {1,1,1,2}, 0, 0, 0, 0, 0},
+        {"kbias B,H,1,Sk Sq=1 d96 DIRECT",   1, 2, 4, 2,    1,  300,  96, 1, {0,0,0,0}, {2,2,1,2}, 0, 0, 0, 0, 0},
+        {"kbias B,H,1,Sk Sq=1 d64 f16",      0, 2, 4, 4,    1,  300,  64, 0, {0,0,0,0}, {2,2,1,2}, 0, 0, 0, 0, 0},
+        {"mask B,H,Sq,Sk kbias 1,Hkv,1,Sk",  1, 2, 8, 2,  333,  300, 128, 1, {2,2,2,2}, {1,3,1,2}, 0, 0, 0, 2, 0},
+        {"mask 1,H,Sq,Sk kbias B,1,1,Sk d64",0, 2, 4, 2,  150,  200,  64, 0, {1,2,2,2}, {2,1,1,2}, 0, 0, 0, 0, 0},
+        {"kbias B,Hkv,1,Sk d128 without db", 1, 1, 4, 2,  200,  300, 128, 1, {0,0,0,0}, {2,3,1,2}, 0, 0, 0, 0, 0, 1},
+        /* its staged full-bias instantiations (Sk a multiple of 8: 16-byte bias rows): DIRECT, ACC (batch / head
+           broadcast; d128: the general kernel), no dbias, with a mask, padded D */
+        {"bias B,H,Sq,Sk d128 causal Sq<Sk", 1, 2, 4, 2,  113,  264, 128, 1, {0,0,0,0}, {2,2,2,2}, 0, 0, 0, 0, 0},
+        {"mask+bias B,H,Sq,Sk d120 f16",     0, 1, 4, 2,  333,  296, 120, 1, {2,2,2,2}, {2,2,2,2}, 0, 0, 0, 2, 0},
+        {"bias 1,1,Sq,Sk d128 ACC (general)",1, 2, 4, 2,  100,  256, 128, 0, {0,0,0,0}, {1,1,2,2}, 0, 0, 0, 0, 0},
+        {"bias B,Hkv,Sq,Sk d64 ACC causal",  1, 1, 8, 2,   77,  200,  64, 1, {0,0,0,0}, {2,3,2,2}, 0, 0, 0, 0, 0},
+        {"bias B,H,Sq,Sk d96 without db",    0, 1, 4, 4,  200,  320,  96, 1, {0,0,0,0}, {2,2,2,2}, 0, 0, 0, 0, 0, 1},
+        {"mask 1,H,Sq,Sk bias 1,H,Sq,Sk d64",1, 2, 4, 2,  130,  136,  64, 0, {1,2,2,2}, {1,2,2,2}, 0, 0, 0, 1, 0},
     };
-    const int idx_small[] = {0, 3, 4, 12, 17, 22, 25};
+    const int idx_small[] = {0, 3, 4, 12, 17, 22, 25, 38, 40, 46};
     int n_fail = 0, n = 0;
     if (small) {
         for (int x : idx_small) { run_case(all[x], &n_fail); n++; }
