@@ -128,7 +128,7 @@ if has sanitize; then
 fi
 if has pytest && [ -f "$LIB" ]; then
     TO=""; $PY -c "import pytest_timeout" 2> /dev/null && TO="--timeout 120"
-    job pytest "$(lim 260 $RES)" "${PYENV[@]}" $PY -m pytest -m gpu tests/python -q $TO -p no:cacheprovider
+    job pytest "$(lim 340 $RES)" "${PYENV[@]}" $PY -m pytest -m gpu tests/python -q $TO -p no:cacheprovider
 fi
 wait
 log "correctness phase $(( $(date +%s) - t )) s"
