@@ -114,8 +114,8 @@ static int fwd_features(const fdma_params *pa, int sparse) {
 /* Bytes of the mask summary the forward computes itself (workspace, 256-aligned): the mask + bias instantiation at
  * DT = 128 has no in-loop probe (fwd_kernel.cuh, AUX_TOP), so without the caller's summary it would compute
  * all-False tiles; one pass over the mask restores the skipping. 0 when not needed. */
-static size_t fwd_autosum_bytes(const fdma_params *pa, int dt, int sparse) {
-    if (!pa->mask.ptr || pa->mask_summary || dt != 128 || fdma_fwd_inst(dt, fwd_features(pa, sparse)) != FDMA_F_MB)
+static size_t fwd_autosum_bytes(const fdma_params *pa, int dt, int sparse, bool sm90) {
+    if (!pa->mask.ptr || pa->mask_summary || dt != 128 || fdma_fwd_inst(dt, fwd_features(pa, sparse), sm90) != FDMA_F_MB)
         return 0;
     const fdma_view4 *m = &pa->mask;
     const size_t b = (size_t)(m->dim[0] * m->dim[1] * ((m->dim[2] + 63) / 64) * ((pa->Sk + 63) / 64));
@@ -155,7 +155,7 @@ extern "C" fdma_status fdma_cuda_fwd_plan(const fdma_params *p, fdma_plan *plan)
     fdma_cuda_window_params(&w, p, (void *)(uintptr_t)256, &pa);
     const int gather = fwd_use_gather(&pa);
     /* the name ends with the kernel instantiation: its feature bits and warps x row blocks */
-    const int inst = fdma_fwd_inst(dt, fwd_features(&pa, w.mode == FDMA_WIN_SPARSE));
+    const int inst = fdma_fwd_inst(dt, fwd_features(&pa, w.mode == FDMA_WIN_SPARSE), cc >= 90);
     snprintf(plan->name, sizeof(plan->name), "cuda_fwd_%s_d%d%s%s_f%d_%dx%d", p->dtype == FDMA_DTYPE_F16 ? "f16" : "bf16",
              dt, w.mode == FDMA_WIN_SPARSE ? "_sparse" : w.mode == FDMA_WIN_MASK ? "_window" : "", gather ? "_gather" : "",
              inst, fdma_fwd_warps_f(dt, inst), fdma_fwd_mi_f(dt, inst));
@@ -164,7 +164,7 @@ extern "C" fdma_status fdma_cuda_fwd_plan(const fdma_params *p, fdma_plan *plan)
     /* workspace: the selection; the gathered-key lists; lse when the probabilities need it and the caller gave
        none; the mask summary the launcher computes (fwd_autosum_bytes) */
     plan->workspace_bytes = w.bytes + fwd_gather_bytes(&pa) + fwd_lse_bytes(p) +
-                            fwd_autosum_bytes(&pa, dt, w.mode == FDMA_WIN_SPARSE);
+                            fwd_autosum_bytes(&pa, dt, w.mode == FDMA_WIN_SPARSE, cc >= 90);
     return FDMA_STATUS_OK;
 }
 
@@ -206,6 +206,7 @@ static fdma_status fwd_run_attention(const fdma_params *p, const fdma_plan *plan
     kp.hkv_div = (int)(p->H / p->Hkv);
     const int dt = plan->variant;
     kp.num_m_tiles = (int)((p->Sq + fdma_fwd_rows(dt) - 1) / fdma_fwd_rows(dt));
+    kp.sm90 = current_cc(NULL) >= 90;
 
     int64_t all_or = p->q_stride[0] | p->q_stride[1] | p->q_stride[2] | p->k_stride[0] | p->k_stride[1] |
                      p->k_stride[2] | p->v_stride[0] | p->v_stride[1] | p->v_stride[2];
@@ -221,7 +222,7 @@ static fdma_status fwd_run_attention(const fdma_params *p, const fdma_plan *plan
         kp.m_si = kp.m_rows_bcast ? 0 : m->stride[2];
         kp.m_sj = m->stride[3];
         kp.m_vec = aligned16(m->ptr) && kp.m_sj == 1 && ((kp.m_sb | kp.m_sh | kp.m_si) & 15) == 0;
-        const size_t sbytes = fwd_autosum_bytes(p, dt, view->lists != NULL);
+        const size_t sbytes = fwd_autosum_bytes(p, dt, view->lists != NULL, kp.sm90 != 0);
         const uint8_t *summary = p->mask_summary;
         if (sbytes) {
             uint8_t *own = reinterpret_cast<uint8_t *>(ws + gbytes + fwd_lse_bytes(p));

@@ -129,6 +129,7 @@ struct FdmaFwdParams {
     int B, H, Hkv, Sq, Sk, D;
     int hkv_div;         /* H / Hkv */
     int num_m_tiles;
+    int sm90;            /* the device has compute capability >= 9.0 (fdma_fwd_inst) */
 
     const uint8_t *mask; /* NULL = none */
     int64_t m_sb, m_sh, m_si, m_sj;
@@ -171,15 +172,26 @@ enum {
     FDMA_F_MB = FDMA_F_MASK | FDMA_F_BIAS, FDMA_F_BG = FDMA_F_BIAS | FDMA_F_GATHER
 };
 
-/* The instantiation that runs a call needing features f at head-dim tile dt: plain (0), mask + bias (W2: dense
- * tiles with a mask and bias), bias + gather (W1, W1c: gathered keys, optional row-broadcast bias, top-k window
- * lists), or the general one (31; the only one for dt > 128). The launcher and the plan's kernel name use it. */
-static constexpr int fdma_fwd_inst(int dt, int f) {
-    return dt > 128                                              ? FDMA_F_ALL
-           : f == 0                                              ? 0
-           : (f & ~FDMA_F_MB) == 0                               ? FDMA_F_MB
-           : ((f & FDMA_F_GATHER) && (f & ~FDMA_F_BG) == 0)      ? FDMA_F_BG
-                                                                 : FDMA_F_ALL;
+/* Instantiations compiled for sm90 only: mask + bias and bias + gather at dt = 128 run 4 warps x 2 row blocks,
+ * which ptxas spills on sm80 (spills are build errors), so their sm80 code is empty and sm80 runs the general one. */
+__host__ __device__ static constexpr bool fdma_fwd_sm90_only(int dt, int feat) {
+    return dt == 128 && (feat == FDMA_F_MB || feat == FDMA_F_BG);
+}
+/* feat where the device can run it, else the general instantiation */
+static constexpr int fdma_fwd_on(int dt, int feat, bool sm90) {
+    return sm90 || !fdma_fwd_sm90_only(dt, feat) ? feat : FDMA_F_ALL;
+}
+
+/* The instantiation that runs a call needing features f at head-dim tile dt on a device of compute capability
+ * >= 9.0 (sm90) or below: plain (0), mask + bias (W2: dense tiles with a mask and bias), bias + gather (W1, W1c:
+ * gathered keys, optional row-broadcast bias, top-k window lists), or the general one (31; the only one for
+ * dt > 128). The launcher and the plan's kernel name use it. */
+static constexpr int fdma_fwd_inst(int dt, int f, bool sm90) {
+    return dt > 128                                         ? FDMA_F_ALL
+           : f == 0                                         ? 0
+           : (f & ~FDMA_F_MB) == 0                          ? fdma_fwd_on(dt, FDMA_F_MB, sm90)
+           : ((f & FDMA_F_GATHER) && (f & ~FDMA_F_BG) == 0) ? fdma_fwd_on(dt, FDMA_F_BG, sm90)
+                                                            : FDMA_F_ALL;
 }
 
 /* Forward kernel shape for a head-dim tile: warps per CTA, 16-row blocks per warp (MI), query rows per CTA.

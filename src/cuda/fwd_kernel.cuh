@@ -122,8 +122,19 @@ __device__ __forceinline__ uint4 fdma_load8_scalar(const uint16_t *src, int coun
     return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
+/* In sm80 code the sm90-only instantiations (fdma_fwd_sm90_only; the launcher never runs them there) have an empty
+ * body; sm90 code is the body alone. */
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define FDMA_FWD_SM80_SKIP_BEGIN(DT, FEAT) if constexpr (fdma_fwd_sm90_only(DT, FEAT)) { return; } else {
+#define FDMA_FWD_SM80_SKIP_END }
+#else
+#define FDMA_FWD_SM80_SKIP_BEGIN(DT, FEAT)
+#define FDMA_FWD_SM80_SKIP_END
+#endif
+
 template <typename T, int DT, int NW, int MI, int FEAT>
 __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParams p) {
+    FDMA_FWD_SM80_SKIP_BEGIN(DT, FEAT)
     using C = FdmaFwdCfg<DT, NW, MI, FEAT>;
     constexpr bool F_MASK = FEAT & FDMA_F_MASK, F_BIAS = FEAT & FDMA_F_BIAS, F_DROP = FEAT & FDMA_F_DROP,
                    F_GATHER = FEAT & FDMA_F_GATHER, F_CAP = FEAT & FDMA_F_CAP;
@@ -873,6 +884,7 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
             }
         }
     }
+    FDMA_FWD_SM80_SKIP_END
 }
 
 /* Launch one instantiation on the caller's stream. */
@@ -917,7 +929,7 @@ static fdma_status fdma_fwd_launch_f(const FdmaFwdParams &kp, cudaStream_t strea
 template <typename T, int DT>
 static fdma_status fdma_fwd_launch_dt(const FdmaFwdParams &kp, cudaStream_t stream, const char *name) {
     if constexpr (DT <= 128) {
-        switch (fdma_fwd_inst(DT, fdma_fwd_features(kp))) {
+        switch (fdma_fwd_inst(DT, fdma_fwd_features(kp), kp.sm90 != 0)) {
         case 0: return fdma_fwd_launch_f<T, DT, 0>(kp, stream, name);
         case FDMA_F_MB: return fdma_fwd_launch_f<T, DT, FDMA_F_MB>(kp, stream, name);
         case FDMA_F_BG: return fdma_fwd_launch_f<T, DT, FDMA_F_BG>(kp, stream, name);

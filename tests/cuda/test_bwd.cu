@@ -630,10 +630,10 @@ int main(int argc, char **argv) {
         {"mask 1,H,Sq,Sk kbias B,1,1,Sk d64",0, 2, 4, 2,  150,  200,  64, 0, {1,2,2,2}, {2,1,1,2}, 0, 0, 0, 0, 0},
         {"kbias B,Hkv,1,Sk d128 without db", 1, 1, 4, 2,  200,  300, 128, 1, {0,0,0,0}, {2,3,1,2}, 0, 0, 0, 0, 0, 1},
         /* its staged full-bias instantiations (Sk a multiple of 8: 16-byte bias rows): DIRECT, ACC (batch / head
-           broadcast; d128: the general kernel), no dbias, with a mask, padded D */
+           broadcast; d128: summed from the staged dS^T tile), no dbias, with a mask, padded D */
         {"bias B,H,Sq,Sk d128 causal Sq<Sk", 1, 2, 4, 2,  113,  264, 128, 1, {0,0,0,0}, {2,2,2,2}, 0, 0, 0, 0, 0},
         {"mask+bias B,H,Sq,Sk d120 f16",     0, 1, 4, 2,  333,  296, 120, 1, {2,2,2,2}, {2,2,2,2}, 0, 0, 0, 2, 0},
-        {"bias 1,1,Sq,Sk d128 ACC (general)",1, 2, 4, 2,  100,  256, 128, 0, {0,0,0,0}, {1,1,2,2}, 0, 0, 0, 0, 0},
+        {"bias 1,1,Sq,Sk d128 ACC",          1, 2, 4, 2,  100,  256, 128, 0, {0,0,0,0}, {1,1,2,2}, 0, 0, 0, 0, 0},
         {"bias B,Hkv,Sq,Sk d64 ACC causal",  1, 1, 8, 2,   77,  200,  64, 1, {0,0,0,0}, {2,3,2,2}, 0, 0, 0, 0, 0},
         {"bias B,H,Sq,Sk d96 without db",    0, 1, 4, 4,  200,  320,  96, 1, {0,0,0,0}, {2,2,2,2}, 0, 0, 0, 0, 0, 1},
         {"mask 1,H,Sq,Sk bias 1,H,Sq,Sk d64",1, 2, 4, 2,  130,  136,  64, 0, {1,2,2,2}, {1,2,2,2}, 0, 0, 0, 1, 0},
