@@ -16,7 +16,8 @@
  * any of its rows keeps, visibility j <= lim_i < e[j] in the kernel) or "..._window" (the keep mask selected into
  * the workspace, then one of the first two paths). The name ends with the kernel instantiation (fdma_fwd_inst):
  * "_f<feature bits>_<warps>x<row blocks>", e.g. "cuda_fwd_bf16_d128_sparse_f10_4x2". Workspace = the selection,
- * the gathered lists (+ lse when probs are asked without lse).
+ * the gathered lists (+ lse when probs are asked without lse; + the mask summary when the mask + bias
+ * instantiation at DT = 128 runs without the caller's: computed per call, causal tiles no row sees left unread).
  *   fdma_cuda_create_mask     checks that bias, mask and out are device memory, then runs the exact radix-select
  *                             top-k of topk.cu (fdma_cuda_topk_create_mask)
  *
@@ -113,7 +114,8 @@ static int fwd_features(const fdma_params *pa, int sparse) {
 
 /* Bytes of the mask summary the forward computes itself (workspace, 256-aligned): the mask + bias instantiation at
  * DT = 128 has no in-loop probe (fwd_kernel.cuh, AUX_TOP), so without the caller's summary it would compute
- * all-False tiles; one pass over the mask restores the skipping. 0 when not needed. */
+ * all-False tiles; one pass over the mask restores the skipping. With causal it reads only the tiles some row can
+ * see (fdma_cuda_fwd_mask_summary says why the others may read as all False). 0 when not needed. */
 static size_t fwd_autosum_bytes(const fdma_params *pa, int dt, int sparse, bool sm90) {
     if (!pa->mask.ptr || pa->mask_summary || dt != 128 || fdma_fwd_inst(dt, fwd_features(pa, sparse), sm90) != FDMA_F_MB)
         return 0;
@@ -121,6 +123,9 @@ static size_t fwd_autosum_bytes(const fdma_params *pa, int dt, int sparse, bool 
     const size_t b = (size_t)(m->dim[0] * m->dim[1] * ((m->dim[2] + 63) / 64) * ((pa->Sk + 63) / 64));
     return (b + 255) & ~(size_t)255;
 }
+
+/* fwd_aux.cu: the mask summary of fdma_cuda_mask_summarize, but causal tiles that no row sees are 0 unread */
+fdma_status fdma_cuda_fwd_mask_summary(const fdma_params *p, uint8_t *summary);
 
 static size_t fwd_lse_bytes(const fdma_params *p) {
     return (p->probs && !p->lse) ? (((size_t)(p->B * p->H * p->Sq) * sizeof(float) + 255) & ~(size_t)255) : 0;
@@ -226,7 +231,7 @@ static fdma_status fwd_run_attention(const fdma_params *p, const fdma_plan *plan
         const uint8_t *summary = p->mask_summary;
         if (sbytes) {
             uint8_t *own = reinterpret_cast<uint8_t *>(ws + gbytes + fwd_lse_bytes(p));
-            fdma_status st = fdma_cuda_mask_summarize(p, own, sbytes);
+            fdma_status st = fdma_cuda_fwd_mask_summary(p, own);
             if (st != FDMA_STATUS_OK) return st;
             summary = own;
         }

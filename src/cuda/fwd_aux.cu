@@ -9,7 +9,10 @@
  *                          threads per list walks Sk in chunks of 1024 keys (ballot + block prefix sum).
  *   fdma_summary_kernel    one byte per 64x64 tile of the mask in its own dims (m0, m1, ceil(m2/64),
  *                          ceil(Sk/64)): 0 all False, 1 mixed, 2 all True (only elements inside the mask
- *                          count). One CTA of 256 threads per tile; each thread reads 16 keys of one row.
+ *                          count). One warp per tile, 16-byte loads where aligned. Two entry points: the
+ *                          public fdma_cuda_mask_summarize (the mask alone: a caller's reusable summary) and
+ *                          fdma_cuda_fwd_mask_summary (the forward's own, causal: tiles no row can see are 0
+ *                          unread).
  */
 #include "common.cuh"
 
@@ -111,16 +114,22 @@ __device__ __forceinline__ void fdma_summary_bytes(uint4 x, int &any, int &all) 
 }
 
 /* One warp per 64 x 64 tile (grid-stride over tiles): lane c covers 16-byte chunks c, c + 32, ... of the tile's 64
- * rows x 4 chunks; vec: 16-byte loads (contiguous keys, 16-byte aligned rows), else byte loads. */
+ * rows x 4 chunks; vec: 16-byte loads (contiguous keys, 16-byte aligned rows), else byte loads. causal: the mask's
+ * rows are query rows and row i sees keys j <= i + coff (coff = Sk - Sq); a tile whose last row sees none of its
+ * keys is written 0 without being read. */
 __global__ void __launch_bounds__(256)
     fdma_summary_kernel(const uint8_t *mask, int64_t d0, int64_t d1, int64_t d2, int64_t Sk, int64_t s0, int64_t s1,
-                        int64_t s2, int64_t s3, int vec, uint8_t *summary, int64_t tiles) {
+                        int64_t s2, int64_t s3, int vec, int causal, int64_t coff, uint8_t *summary, int64_t tiles) {
     const int64_t tr_n = (d2 + 63) / 64, tc_n = (Sk + 63) / 64;
     const int lane = threadIdx.x & 31;
     const int64_t warps = (int64_t)gridDim.x * (blockDim.x >> 5);
     for (int64_t t = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); t < tiles; t += warps) {
         const int64_t tc = t % tc_n, tr = (t / tc_n) % tr_n, a1 = (t / (tc_n * tr_n)) % d1,
                       a0 = t / (tc_n * tr_n * d1);
+        if (causal && min(tr * 64 + 63, d2 - 1) + coff < tc * 64) { /* warp-uniform */
+            if (lane == 0) summary[t] = 0;
+            continue;
+        }
         const uint8_t *base = mask + (d0 > 1 ? a0 * s0 : 0) + (d1 > 1 ? a1 * s1 : 0);
         int any = 0, all = 1;
 #pragma unroll 4
@@ -144,22 +153,45 @@ __global__ void __launch_bounds__(256)
     }
 }
 
+/* The summary of p's mask into summary (ceil-64 tiles of its dims; size and pointers checked by the caller). */
+static fdma_status summary_launch(const fdma_params *p, uint8_t *summary, int causal) {
+    const int64_t d0 = p->mask.dim[0], d1 = p->mask.dim[1], d2 = p->mask.dim[2], Sk = p->mask.dim[3];
+    const int64_t tiles = d0 * d1 * ((d2 + 63) / 64) * ((Sk + 63) / 64);
+    const int64_t *ms = p->mask.stride;
+    const int vec = ms[3] == 1 && (((uintptr_t)p->mask.ptr | (uintptr_t)(d0 > 1 ? ms[0] : 0) |
+                                    (uintptr_t)(d1 > 1 ? ms[1] : 0) | (uintptr_t)(d2 > 1 ? ms[2] : 0)) & 15) == 0;
+    const int64_t blocks = (tiles + 7) / 8, grid = blocks < (1 << 16) ? blocks : (1 << 16);
+    fdma_summary_kernel<<<(unsigned)grid, 256, 0, (cudaStream_t)p->stream>>>(
+        static_cast<const uint8_t *>(p->mask.ptr), d0, d1, d2, Sk, ms[0], ms[1], ms[2], ms[3], vec, causal,
+        p->Sk - p->Sq, summary, tiles);
+    return fdma_cuda_check_launch("cuda_mask_summarize");
+}
+
 extern "C" fdma_status fdma_cuda_mask_summarize(const fdma_params *p, uint8_t *summary, size_t bytes) {
     if (!p->mask.ptr) return fdma_set_error(FDMA_STATUS_INVALID_ARGUMENT, "mask: required for a summary, got NULL");
     if (!summary) return fdma_set_error(FDMA_STATUS_INVALID_ARGUMENT, "summary: NULL");
-    const int64_t d0 = p->mask.dim[0], d1 = p->mask.dim[1], d2 = p->mask.dim[2], Sk = p->mask.dim[3];
-    const int64_t tiles = d0 * d1 * ((d2 + 63) / 64) * ((Sk + 63) / 64);
+    const int64_t tiles = p->mask.dim[0] * p->mask.dim[1] * ((p->mask.dim[2] + 63) / 64) * ((p->mask.dim[3] + 63) / 64);
     if (bytes < (size_t)tiles)
         return fdma_set_error(FDMA_STATUS_INVALID_ARGUMENT, "bytes: the summary needs %lld bytes, got %zu",
                               (long long)tiles, bytes);
     fdma_status st = fdma_cuda_check_device_ptr(p->mask.ptr, "mask");
     if (st == FDMA_STATUS_OK) st = fdma_cuda_check_device_ptr(summary, "summary");
     if (st != FDMA_STATUS_OK) return st;
-    const int64_t *ms = p->mask.stride;
-    const int vec = ms[3] == 1 && (((uintptr_t)p->mask.ptr | (uintptr_t)(d0 > 1 ? ms[0] : 0) |
-                                    (uintptr_t)(d1 > 1 ? ms[1] : 0) | (uintptr_t)(d2 > 1 ? ms[2] : 0)) & 15) == 0;
-    const int64_t blocks = (tiles + 7) / 8, grid = blocks < (1 << 16) ? blocks : (1 << 16);
-    fdma_summary_kernel<<<(unsigned)grid, 256, 0, (cudaStream_t)p->stream>>>(
-        static_cast<const uint8_t *>(p->mask.ptr), d0, d1, d2, Sk, ms[0], ms[1], ms[2], ms[3], vec, summary, tiles);
-    return fdma_cuda_check_launch("cuda_mask_summarize");
+    return summary_launch(p, summary, 0);
+}
+
+/* The forward's own summary (api_cuda.cu, fwd_run_attention; workspace sized by fwd_autosum_bytes, pointers checked
+ * with the call's). With causal and a mask with Sq rows (dim 2 > 1: then the mask's row i is query row i), a tile of
+ * summary row r (query rows 64r .. min(64r + 63, Sq - 1)) and key tile c is 0 unread when
+ * min(64r + 63, Sq - 1) + Sk - Sq < 64c: no row of r sees any of its keys. Why 0 is exact for the forward
+ * (fwd_kernel.cuh): a CTA's query rows (at most 128, i0 a multiple of their count) read the bytes of the (at most 2) summary rows
+ * that hold its rows (summary_raw) and skips tile n only when both are 0 (summary_status); each byte is 0 only if
+ * every one of its rows either has no True in the tile or sees none of its keys, so a skipped tile holds no
+ * visible key of any row of the CTA. A byte written 0 is never 2, so "all True" (2 = 0x202: no mask tile loaded)
+ * still needs both rows' real tiles all True; a pair 0 / nonzero reads as mixed (1): the mask tile is then loaded
+ * and applied per element with causality, which is exact whatever the rows of the skipped summary row hold. Tiles
+ * past the CTA's causal bound (n_end) are not read at all. A row-broadcast mask (dim 2 == 1) stands for every
+ * query row: no tile is skipped. */
+fdma_status fdma_cuda_fwd_mask_summary(const fdma_params *p, uint8_t *summary) {
+    return summary_launch(p, summary, p->causal && p->mask.dim[2] > 1);
 }

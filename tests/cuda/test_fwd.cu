@@ -55,13 +55,15 @@ __global__ void fill_normal(uint16_t *x, int64_t n, uint64_t seed, int bf16, flo
 }
 /* mask element at flat index t of a (d0, d1, d2, d3) contiguous buffer; mode 0: Bernoulli(keep);
  * mode 1: 64x64 blocks, a third of them Bernoulli(keep), the rest all False; every row r % 7 == 3 all
- * False (fully masked rows when the mask has Sq rows) */
+ * False (fully masked rows when the mask has Sq rows); mode 2: 128 x 64 blocks (the 128-row CTA of D = 128 reads
+ * 2 summary rows) all True, all False and Bernoulli(keep) in turn (every tile status), no rows forced False */
 __global__ void fill_mask(uint8_t *m, int64_t n, int64_t d2, int64_t d3, uint64_t seed, float keep, int mode) {
     for (int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; t < n; t += (int64_t)gridDim.x * blockDim.x) {
         int64_t j = t % d3, i = (t / d3) % d2;
         int v = u01(seed * 0x2545F4914F6CDD1DULL + t) < keep;
         if (mode == 1 && ((i / 64 + j / 64) % 3) != 0) v = 0;
-        if (d2 > 1 && i % 7 == 3) v = 0;
+        if (mode == 2 && ((i / 128 + j / 64) % 3) != 2) v = (i / 128 + j / 64) % 3 == 0;
+        if (mode != 2 && d2 > 1 && i % 7 == 3) v = 0;
         m[t] = (uint8_t)(v ? 1 + (t & 3) : 0); /* nonzero values other than 1 also mean "attend" */
     }
 }
@@ -653,8 +655,17 @@ int main(int argc, char **argv) {
         {"mask+bias d40 causal GQA 2:1 257x500 -inf",  1, 4, 2,  257,  500,  40, 1, 1, 6, 5, 0, 0, 0, 0, 0, 0, 1, 0, 1, 0.5f},
         {"mask only (B,H,Sq,Sk) d128 block 200x900",   1, 2, 2,  200,  900, 128, 1, 0, 1, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0.3f},
         {"mask+bias d128 unaligned BHSD 130x260",      1, 2, 1,  130,  260, 128, 1, 1, 1, 6, 0, 0, 1, 3, 1, 0, 1, 0, 0, 0.5f},
+        /* the forward's own summary skips causal tiles no row sees (api_cuda.cu): blocks all True / all False /
+           mixed across the diagonal, the diagonal off the 64-grid, Sq < Sk and Sq > Sk (rows that see nothing) */
+        {"W2 3-state blocks d128 causal 333x1000",     1, 4, 2,  333, 1000, 128, 1, 1, 6, 6, 0, 0, 0, 0, 0, 2, 1, 0, 0, 0.5f},
+        {"W2 3-state blocks d128 causal 1000x333 f16", 2, 2, 2, 1000,  333, 128, 0, 1, 1, 1, 0, 0, 0, 0, 0, 2, 1, 0, 0, 0.5f},
+        /* the mask + bias kernel packs 4 or 2 query heads that share mask and bias into a CTA (fwd_kernel.cuh) */
+        {"W2 pack 4 mask (1,1,Sq,Sk) bias (B,Hkv,Sq,Sk) 77x1030", 2, 8, 2, 77, 1030, 128, 1, 1, 3, 6, 0, 0, 0, 0, 0, 0, 1, 0, 1, 0.4f},
+        {"W2 pack 4 mask only (B,Hkv,Sq,Sk) f16 200x300",  1, 16, 4, 200,  300, 128, 0, 0, 6, 0, 0, 0, 0, 0, 0, 2, 1, 0, 0, 0.5f},
+        {"W2 pack 2 Sq=1 mask+bias (B,Hkv,Sq,Sk) d112",    2, 4, 2,    1,  500, 112, 1, 1, 6, 6, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0.5f},
+        {"W2 pack 2 causal Sq>Sk 260x190 BHSD",            1, 4, 2,  260,  190, 128, 1, 1, 6, 6, 0, 0, 1, 0, 0, 2, 1, 0, 0, 0.5f},
     };
-    const int small_set[] = {0, 4, 8, 11, 12, 18, 22, 27, 30, 35, 39};
+    const int small_set[] = {0, 4, 8, 11, 12, 18, 22, 27, 30, 35, 39, 40};
     int fails = check_refusals();
     int n = small ? (int)(sizeof(small_set) / sizeof(int)) : (int)(sizeof(cases) / sizeof(cases[0]));
     for (int t = 0; t < n; t++) {
