@@ -51,6 +51,22 @@ __device__ __forceinline__ void fdma_load_rng(const uint64_t *rng, uint64_t &see
                  : "l"(rng));
 }
 
+/* The same three at a shared-window address (fdma_smem_u32): kernels that keep per-lane tile addresses in
+ * registers and step them by constants. */
+__device__ __forceinline__ void fdma_cp_async16_s(uint32_t saddr, const void *gmem, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(saddr), "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void fdma_ldsm_x4(uint32_t r[4], uint32_t saddr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(saddr));
+}
+__device__ __forceinline__ void fdma_ldsm_x4_trans(uint32_t r[4], uint32_t saddr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(saddr));
+}
+
 __device__ __forceinline__ void fdma_ldmatrix_x4(uint32_t r[4], const void *smem) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -112,6 +128,29 @@ template <> __device__ __forceinline__ uint16_t fdma_from_float<__nv_bfloat16>(f
 __device__ __forceinline__ uint32_t fdma_swz(int row, int chunk, int cpr) {
     return (uint32_t)(row * cpr + ((chunk & ~7) | ((chunk ^ row) & 7))) * 16u;
 }
+/* The same offset is row * cpr * 16 + (16 chunk ^ 16 (row % 8)). For the chunk 2k + h (h in {0, 1}) of the k-th
+ * 16-column step that an ldmatrix lane reads, that is row * cpr * 16 + (fdma_swz_lane(h, row) ^ 32 k): a lane keeps
+ * its row offset and fdma_swz_lane, and a step costs one XOR; rows 8 apart differ by a constant. */
+__device__ __forceinline__ uint32_t fdma_swz_lane(int h, int row) { return 16u * (uint32_t)((h ^ row) & 7); }
+
+/* prmt.b32 (byte permute; a selector nibble with bit 3 set replicates the sign bit of the byte it selects). */
+__device__ __forceinline__ uint32_t fdma_prmt(uint32_t a, uint32_t b, uint32_t sel) {
+    uint32_t d;
+    asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+    return d;
+}
+
+/* Two bf16 / fp16 values (one 32-bit word, low element first) -> floats. */
+template <typename T> __device__ __forceinline__ void fdma_pair_to_float(uint32_t w, float &lo, float &hi);
+template <> __device__ __forceinline__ void fdma_pair_to_float<__nv_bfloat16>(uint32_t w, float &lo, float &hi) {
+    lo = __uint_as_float(w << 16);
+    hi = __uint_as_float(w & 0xffff0000u);
+}
+template <> __device__ __forceinline__ void fdma_pair_to_float<__half>(uint32_t w, float &lo, float &hi) {
+    const float2 f = __half22float2(*reinterpret_cast<const __half2 *>(&w));
+    lo = f.x;
+    hi = f.y;
+}
 
 /* ---- forward kernel parameters ---------------------------------------------------------------------- */
 
@@ -130,6 +169,7 @@ struct FdmaFwdParams {
     int hkv_div;         /* H / Hkv */
     int num_m_tiles;
     int sm90;            /* the device has compute capability >= 9.0 (fdma_fwd_inst) */
+    int pack_log2;       /* query heads per CTA = 2^pack_log2 (set by the launcher; fwd_kernel.cuh, AUX_TOP) */
 
     const uint8_t *mask; /* NULL = none */
     int64_t m_sb, m_sh, m_si, m_sj;

@@ -85,6 +85,8 @@ template <int DT_, int NW_, int MI_, int FEAT_ = FDMA_F_ALL> struct FdmaFwdCfg {
     static constexpr int MI = MI_;             /* 16-row blocks per warp */
     static constexpr int THREADS = 32 * NW;
     static constexpr int BR = 16 * MI * NW;    /* query rows per CTA */
+    static constexpr int LOG_BR = BR == 128 ? 7 : BR == 64 ? 6 : BR == 32 ? 5 : -1;
+    static_assert(LOG_BR > 0, "query rows per CTA: 32, 64 or 128");
     static constexpr int BC = 64;              /* keys per tile */
     static constexpr int CPR = DT / 8;         /* 16-byte chunks per row */
     static constexpr int Q_BYTES = BR * DT * 2;
@@ -160,21 +162,28 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, qd = lane & 3;
     const int wrow = warp * 16 * MI; /* this warp's first row in the tile; block mi: wrow + 16 mi */
-    const int h = blockIdx.x % p.H;
-    int mt = blockIdx.x / p.H;
+    /* One mask buffer (mask + bias at DT = 128, AUX_TOP below) packs P = 2^lp query heads that share K, V, mask and
+       bias into a CTA (fdma_fwd_launch_t decides): RH = BR / P query rows of each; warp rows wrow.. hold head
+       h0 + wrow / RH, queries i0 + wr... Every other instantiation: P = 1, RH = BR, wr = wrow. */
+    constexpr bool AUX_TOP = C::MASK_BUFS == 1;
+    const int lp = AUX_TOP ? p.pack_log2 : 0, RH = BR >> lp, wr = AUX_TOP ? wrow & (RH - 1) : wrow;
+    const int HG = p.H >> lp; /* CTAs per query tile */
+    const int h0 = (blockIdx.x % HG) << lp; /* the CTA's first query head */
+    int mt = blockIdx.x / HG;
     if (p.causal) mt = p.num_m_tiles - 1 - mt; /* longest causal rows first */
     const int b = blockIdx.y;
-    const int i0 = mt * BR;
-    const int hk = h / p.hkv_div;
+    const int i0 = mt * RH;
+    const int h = AUX_TOP ? h0 + (wrow >> (C::LOG_BR - lp)) : h0; /* this warp's query head */
+    const int hk = h0 / p.hkv_div;
     const int Sq = p.Sq, Sk = p.Sk, D = p.D;
 
-    const uint16_t *qg = static_cast<const uint16_t *>(p.q) + b * p.q_sb + h * p.q_sh;
+    const uint16_t *qg = static_cast<const uint16_t *>(p.q) + b * p.q_sb + h0 * p.q_sh;
     const uint16_t *kg = static_cast<const uint16_t *>(p.k) + b * p.k_sb + hk * p.k_sh;
     const uint16_t *vg = static_cast<const uint16_t *>(p.v) + b * p.v_sb + hk * p.v_sh;
-    const uint8_t *mg = (F_MASK && p.mask) ? p.mask + b * p.m_sb + (int64_t)(h / p.m_hdiv) * p.m_sh : nullptr;
+    const uint8_t *mg = (F_MASK && p.mask) ? p.mask + b * p.m_sb + (int64_t)(h0 / p.m_hdiv) * p.m_sh : nullptr;
     const uint16_t *bg =
-        has_bias ? static_cast<const uint16_t *>(p.bias) + b * p.b_sb + (int64_t)(h / p.b_hdiv) * p.b_sh : nullptr;
-    const uint8_t *sg = p.summary ? p.summary + b * p.s_sb + (int64_t)(h / p.m_hdiv) * p.s_sh : nullptr;
+        has_bias ? static_cast<const uint16_t *>(p.bias) + b * p.b_sb + (int64_t)(h0 / p.b_hdiv) * p.b_sh : nullptr;
+    const uint8_t *sg = p.summary ? p.summary + b * p.s_sb + (int64_t)(h0 / p.m_hdiv) * p.s_sh : nullptr;
 
     /* Gathered keys: the kept keys of a row-broadcast mask, in increasing order (fdma_gather_kernel); key
        tile n is list[64n .. 64n+63]. Dense keys: tile n is keys 64n .. 64n+63. */
@@ -195,7 +204,7 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
         gl += 16;
     }
     /* key-tile range; causal: the last visible key of the tile's last row */
-    const int jmax = min(i0 + BR - 1, Sq - 1) - Sq + Sk;
+    const int jmax = min(i0 + RH - 1, Sq - 1) - Sq + Sk;
     int n_end = (nkeys + 63) / 64;
     if (p.causal && !gather) n_end = jmax < 0 ? 0 : min(n_end, jmax / 64 + 1);
     if (p.causal && jmax < 0) n_end = 0;
@@ -204,11 +213,10 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
     /* mask tiles copied with the bias (their own cp.async group, after the middle barrier): summary mode, and
        probe mode with one mask buffer (no probe in the loop: every tile after the first active one is mixed) */
     const bool mask_aux = mask_mode == 1 || (C::MASK_BUFS == 1 && mask_mode == 2);
-    /* One mask buffer (mask + bias at DT = 128): the bias/mask group of a tile is waited for at the tile's top
-       barrier; each warp copies its own rows of both, a broadcast row included, and folds the mask into the bias
-       tile there (bias = -inf where False; a mask without bias makes a 0 / -inf tile), while only O is live.
-       The score loop then adds the bias tile alone. */
-    constexpr bool AUX_TOP = C::MASK_BUFS == 1;
+    /* AUX_TOP (one mask buffer): the bias/mask group of a tile is waited for at the tile's top barrier; before it,
+       each thread folds the mask chunks it copied into the bias chunks it copied (load_aux_top: bias = -inf where
+       False; a mask without bias makes a 0 / -inf tile), so the barrier publishes the folded tile, while only O
+       is live. The score loop then adds the bias tile alone. */
     const bool own_b = AUX_TOP || !p.b_rows_bcast, own_m = AUX_TOP || !p.m_rows_bcast; /* warp-own rows */
     auto mask_buf = [&](int kb) { return C::MASK_BUFS == 1 ? sMask : sMask + kb * C::MASK_BYTES; }; /* of K buffer kb */
 
@@ -231,6 +239,17 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
                 int j = n * 64 + r0;
                 int off = j * rs + ch * 8;
                 const bool chok = ch * 8 < D;
+                /* a full tile (every row exists) and a chunk inside D: no per-row test; rows RSTEP apart have the
+                   same swizzle (RSTEP % 8 == 0), so the destination steps by a constant */
+                if constexpr (RSTEP % 8 == 0) {
+                    if (chok && n * 64 + 64 <= Sk) {
+                        const uint32_t d0 = fdma_smem_u32(dst_tile) + fdma_swz(r0, ch, CPR);
+#pragma unroll
+                        for (int it = 0; it < 64 / RSTEP; it++, off += RSTEP * rs)
+                            fdma_cp_async16_s(d0 + it * RSTEP * CPR * 16, base + off, 16);
+                        return;
+                    }
+                }
 #pragma unroll(UNR)
                 for (int it = 0; it < 64 / RSTEP; it++) {
                     const bool ok = chok && j < Sk;
@@ -254,6 +273,25 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
                 *reinterpret_cast<uint4 *>(dst) = ok ? fdma_load8_scalar(src, 8) : make_uint4(0, 0, 0, 0);
         }
     };
+    /* bias chunk of tile row r (query i0 + r), keys j .. j + 7 (j % 8 == 0): cp.async where aligned, else
+       synchronously; rows past Sq and keys past Sk are zeros */
+    auto bias_chunk = [&](int r, int j) {
+        const int i = i0 + r;
+        const bool ok = (p.b_rows_bcast || i < Sq) && j < Sk;
+        uint16_t *dst = sBias + r * C::BIAS_LD + (j & 63);
+        const uint16_t *src = bg + (p.b_rows_bcast ? 0 : (int64_t)i * p.b_si) + (int64_t)j * p.b_sj;
+        if (p.b_vec) {
+            fdma_cp_async16(dst, ok ? src : bg, ok ? min(16, (Sk - j) * 2) : 0);
+        } else {
+            uint32_t w[4] = {0, 0, 0, 0};
+            if (ok) {
+#pragma unroll
+                for (int e = 0; e < 8; e++)
+                    if (j + e < Sk) w[e >> 1] |= (uint32_t)src[(int64_t)e * p.b_sj] << (16 * (e & 1));
+            }
+            *reinterpret_cast<uint4 *>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+        }
+    };
     /* Bias and mask tiles: each warp copies its own rows (so a warp needs only its own cp.async wait and a
        __syncwarp before reading them); a row-broadcast tile (one row) is copied by the first threads. */
     auto load_bias = [&](int n) {
@@ -263,6 +301,12 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
             int i = i0 + wrow + (lane >> 3);
             const int j = j0 + (lane & 7) * 8;
             const uint16_t *src = bg + (int64_t)i * p.b_si + j;
+            if (i0 + BR <= Sq && j0 + 64 <= Sk) { /* a full tile: no per-row test */
+                const uint32_t d0 = fdma_smem_u32(sBias + (wrow + (lane >> 3)) * C::BIAS_LD + (lane & 7) * 8);
+#pragma unroll
+                for (int it = 0; it < 4 * MI; it++, src += 4 * p.b_si) fdma_cp_async16_s(d0 + it * 8 * C::BIAS_LD, src, 16);
+                return;
+            }
             uint16_t *dst = sBias + (wrow + (lane >> 3)) * C::BIAS_LD + (lane & 7) * 8;
             const int bytes = j < Sk ? min(16, (Sk - j) * 2) : 0;
 #pragma unroll
@@ -275,23 +319,8 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
             }
             return;
         }
-        for (int c = own ? lane : tid; c < (own ? 16 * MI * 8 : 8); c += own ? 32 : THREADS) {
-            const int r = (own ? wrow : 0) + (c >> 3), j = j0 + (c & 7) * 8, i = i0 + r;
-            const bool ok = (p.b_rows_bcast || i < Sq) && j < Sk;
-            uint16_t *dst = sBias + r * C::BIAS_LD + (c & 7) * 8;
-            const uint16_t *src = bg + (p.b_rows_bcast ? 0 : (int64_t)i * p.b_si) + (int64_t)j * p.b_sj;
-            if (p.b_vec) {
-                fdma_cp_async16(dst, ok ? src : bg, ok ? min(16, (Sk - j) * 2) : 0);
-            } else {
-                uint32_t w[4] = {0, 0, 0, 0};
-                if (ok) {
-#pragma unroll
-                    for (int e = 0; e < 8; e++)
-                        if (j + e < Sk) w[e >> 1] |= (uint32_t)src[(int64_t)e * p.b_sj] << (16 * (e & 1));
-                }
-                *reinterpret_cast<uint4 *>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
-            }
-        }
+        for (int c = own ? lane : tid; c < (own ? 16 * MI * 8 : 8); c += own ? 32 : THREADS)
+            bias_chunk((own ? wrow : 0) + (c >> 3), j0 + (c & 7) * 8);
     };
     /* one 16-byte chunk (row r, keys j..j+15) of the mask, synchronously into registers */
     auto mask_chunk = [&](int r, int q4, int n) -> uint4 {
@@ -311,28 +340,72 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
         }
         return v;
     };
+    /* mask chunk of tile row r (query i0 + r), keys n * 64 + 16 q4 .. + 15 into buffer buf (cp.async where aligned) */
+    auto mask_chunk_async = [&](uint8_t *buf, int r, int n, int q4) {
+        const int j = n * 64 + q4 * 16, i = i0 + r;
+        uint8_t *dst = buf + r * C::MASK_LD + q4 * 16;
+        if (p.m_vec) {
+            const bool ok = (p.m_rows_bcast || i < Sq) && j < Sk;
+            const uint8_t *src = mg + (p.m_rows_bcast ? 0 : (int64_t)i * p.m_si) + j;
+            fdma_cp_async16(dst, ok ? src : mg, ok ? min(16, Sk - j) : 0);
+        } else {
+            *reinterpret_cast<uint4 *>(dst) = mask_chunk(r, q4, n);
+        }
+    };
     /* summary mode: mask tile straight to shared memory (cp.async where aligned) */
     auto load_mask_async = [&](int n, int kb) {
+        /* warp-own rows of a full tile (16-byte rows): lane copies chunk lane % 4 of rows wrow + lane / 4 + 8 t */
+        if (own_m && p.m_vec && (p.m_rows_bcast || i0 + BR <= Sq) && n * 64 + 64 <= Sk) {
+            const int64_t si = p.m_rows_bcast ? 0 : p.m_si;
+            const uint8_t *src = mg + (int64_t)(i0 + wrow + (lane >> 2)) * si + n * 64 + (lane & 3) * 16;
+            const uint32_t d0 = fdma_smem_u32(mask_buf(kb) + (wrow + (lane >> 2)) * C::MASK_LD + (lane & 3) * 16);
+#pragma unroll
+            for (int t = 0; t < 2 * MI; t++, src += 8 * si) fdma_cp_async16_s(d0 + t * 8 * C::MASK_LD, src, 16);
+            return;
+        }
 #pragma unroll
         for (int t = 0; t < 2 * MI; t++) {
             const bool own = own_m;
             const int c = own ? lane + 32 * t : tid + t * THREADS;
             if (c >= (own ? 64 * MI : 4)) break;
-            const int r = (own ? wrow : 0) + (c >> 2), j = n * 64 + (c & 3) * 16, i = i0 + r;
-            uint8_t *dst = mask_buf(kb) + r * C::MASK_LD + (c & 3) * 16;
-            if (p.m_vec) {
-                const bool ok = (p.m_rows_bcast || i < Sq) && j < Sk;
-                const uint8_t *src = mg + (p.m_rows_bcast ? 0 : (int64_t)i * p.m_si) + j;
-                fdma_cp_async16(dst, ok ? src : mg, ok ? min(16, Sk - j) : 0);
-            } else {
-                *reinterpret_cast<uint4 *>(dst) = mask_chunk(r, c & 3, n);
-            }
+            mask_chunk_async(mask_buf(kb), (own ? wrow : 0) + (c >> 2), n, c & 3);
         }
     };
-    /* summary bytes of tile n for this CTA's rows (at most 2 summary rows: BR <= 128) */
+    /* AUX_TOP: bias and mask of tile n (status st), RH rows x 64 keys shared by the CTA's heads. Thread t copies rows
+       t / 4 + 32 s (s < RH / 32), keys 16 (t % 4) .. + 15: the two bias chunks and (st == 1) the mask chunk, which it
+       folds itself (fold_own) after its own cp.async wait at the top of the tile. */
+    auto load_aux_top = [&](int n, int st) {
+        static_assert(!AUX_TOP || THREADS == 128, "AUX_TOP copies 32 rows x 4 chunks per pass");
+        const bool want_m = st == 1 && mask_aux;
+        const int q4 = tid & 3, j = n * 64 + 16 * q4, r0 = tid >> 2;
+        if ((!has_bias || p.b_vec) && (!want_m || p.m_vec) && i0 + RH <= Sq && n * 64 + 64 <= Sk) {
+            /* a full tile: no per-chunk test */
+            const uint32_t db = fdma_smem_u32(sBias + r0 * C::BIAS_LD + 16 * q4);
+            const uint32_t dm = fdma_smem_u32(sMask + r0 * C::MASK_LD + 16 * q4);
+            for (int s = 0; s < RH / 32; s++) {
+                const int i = i0 + r0 + 32 * s;
+                if (has_bias) {
+                    const uint16_t *src = bg + (p.b_rows_bcast ? 0 : (int64_t)i * p.b_si) + j;
+                    fdma_cp_async16_s(db + s * 32 * C::BIAS_LD * 2, src, 16);
+                    fdma_cp_async16_s(db + s * 32 * C::BIAS_LD * 2 + 16, src + 8, 16);
+                }
+                if (want_m)
+                    fdma_cp_async16_s(dm + s * 32 * C::MASK_LD, mg + (p.m_rows_bcast ? 0 : (int64_t)i * p.m_si) + j, 16);
+            }
+            return;
+        }
+        for (int r = r0; r < RH; r += 32) {
+            if (has_bias) {
+                bias_chunk(r, j);
+                bias_chunk(r, j + 8);
+            }
+            if (want_m) mask_chunk_async(sMask, r, n, q4);
+        }
+    };
+    /* summary bytes of tile n for this CTA's rows (at most 2 summary rows: RH <= 128) */
     auto summary_raw = [&](int n) -> int { /* the (at most 2) bytes packed: u0 | u1 << 8 */
         const int r0 = p.m_rows_bcast ? 0 : i0 / 64;
-        const int r1 = p.m_rows_bcast ? 0 : min((i0 + BR - 1) / 64, p.s_rows - 1);
+        const int r1 = p.m_rows_bcast ? 0 : min((i0 + RH - 1) / 64, p.s_rows - 1);
         const int u0 = sg[(int64_t)r0 * p.s_si + n];
         return u0 | (r1 != r0 ? sg[(int64_t)r1 * p.s_si + n] : u0) << 8;
     };
@@ -359,6 +432,10 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
     auto gather_bias = [&](int s) -> uint16_t { return bg[(int64_t)sIdx[64 * s + tid] * p.b_sj]; };
     /* bias and mask of tile n (status st) into their single buffers */
     auto issue_aux = [&](int n, int st, int kb) {
+        if (AUX_TOP) {
+            load_aux_top(n, st);
+            return;
+        }
         if (gather) {
             if (has_bias && tid < 64) sBiasG[tid] = fdma_to_float<T>(gbias);
         } else if (has_bias) {
@@ -396,11 +473,11 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
 
     /* ---- prologue: Q, first active tile ---- */
 #pragma unroll
-    for (int it = 0; it < BR * CPR / THREADS; it++) {
-        const int c = tid + it * THREADS, r = c / CPR, ch = c % CPR, i = i0 + r;
+    for (int it = 0; it < BR * CPR / THREADS; it++) { /* row r: head h0 + r / RH, query i0 + r % RH */
+        const int c = tid + it * THREADS, r = c / CPR, ch = c % CPR, i = i0 + (AUX_TOP ? r & (RH - 1) : r);
         const bool ok = i < Sq && ch * 8 < D;
         uint8_t *dst = sQ + fdma_swz(r, ch, CPR);
-        const uint16_t *src = qg + (int64_t)i * p.q_ss + ch * 8;
+        const uint16_t *src = qg + (AUX_TOP ? (int64_t)(r >> (C::LOG_BR - lp)) * p.q_sh : 0) + (int64_t)i * p.q_ss + ch * 8;
         if (p.qkv_vec)
             fdma_cp_async16(dst, ok ? src : qg, ok ? 16 : 0);
         else
@@ -451,44 +528,59 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
         }
     }
 
+    /* Per-lane ldmatrix addresses (shared window; fdma_swz_lane): Q rows wrow + (lane & 15) (+ 16 mi), K rows
+       (lane & 7) + 8 (lane >> 4) (+ 16 np; + the K buffer), V rows (lane & 7) + 8 ((lane >> 3) & 1) (+ 16 kk); a
+       16-column step k adds the lane's xQ / xK XOR 32 k (V's chunk bit is Q's, so it uses xQ) */
+    constexpr uint32_t ROW_BYTES = CPR * 16;
+    const uint32_t aQ = fdma_smem_u32(sQ) + (wrow + (lane & 15)) * ROW_BYTES;
+    const uint32_t aK = fdma_smem_u32(sK) + ((lane & 7) + ((lane >> 4) << 3)) * ROW_BYTES;
+    const uint32_t aV = fdma_smem_u32(sV) + ((lane & 7) + (((lane >> 3) & 1) << 3)) * ROW_BYTES;
+    const uint32_t xQ = fdma_swz_lane(lane >> 4, lane), xK = fdma_swz_lane((lane >> 3) & 1, lane);
+
     /* this thread's rows: i0 + wrow + 16 mi + g (+ 8) */
-    const int row0 = i0 + wrow + g;
+    const int row0 = i0 + wr + g;
     const uint64_t drow0 = ((uint64_t)b * p.H + h) * (uint64_t)Sq + (uint64_t)row0;
 
-    /* AUX_TOP: mask tile kb into this warp's rows of the bias tile (bias = -inf where False; no bias: 0). Two
-       chunks at a time: fully unrolled, ptxas keeps 4 bytes of the score loop's state in local memory. */
-    auto fold_mask = [&](int kb) {
-        const uint32_t ninf = fdma_from_float<T>(-INFINITY);
-#pragma unroll 2
-        for (int t = 0; t < 2 * MI; t++) { /* chunk c: row wrow + c / 4, keys 16 (c % 4) .. + 15 */
-            const int c = lane + 32 * t, r = wrow + (c >> 2);
-            const uint4 m = *reinterpret_cast<const uint4 *>(mask_buf(kb) + r * C::MASK_LD + (c & 3) * 16);
-            const uint32_t mw[4] = {m.x, m.y, m.z, m.w};
-            uint4 *bp = reinterpret_cast<uint4 *>(sBias + r * C::BIAS_LD + (c & 3) * 16);
+    /* AUX_TOP: the mask chunk (row r, keys 16 q4 .. + 15) folded into the same keys of the bias tile: bias = -inf
+       where False (no bias: 0 / -inf), 16 elements per call */
+    auto fold_chunk = [&](int r, int q4) {
+        const uint32_t ninf = fdma_from_float<T>(-INFINITY), ninf2 = ninf | ninf << 16;
+        const uint4 m = *reinterpret_cast<const uint4 *>(sMask + r * C::MASK_LD + q4 * 16);
+        const uint32_t mw[4] = {m.x, m.y, m.z, m.w};
+        uint4 *bp = reinterpret_cast<uint4 *>(sBias + r * C::BIAS_LD + q4 * 16);
 #pragma unroll
-            for (int hh = 0; hh < 2; hh++) { /* keys 8 hh .. 8 hh + 7 of the chunk: bias word e = keys 2e, 2e + 1 */
-                const uint4 bv = has_bias ? bp[hh] : make_uint4(0, 0, 0, 0);
-                uint32_t w[4] = {bv.x, bv.y, bv.z, bv.w};
+        for (int hh = 0; hh < 2; hh++) { /* keys 8 hh .. 8 hh + 7 of the chunk: bias word e = keys 2e, 2e + 1 */
+            const uint4 bv = has_bias ? bp[hh] : make_uint4(0, 0, 0, 0);
+            uint32_t w[4] = {bv.x, bv.y, bv.z, bv.w};
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const uint32_t mb = mw[2 * hh + (e >> 1)] >> (16 * (e & 1));
-                    if (!(mb & 0xffu)) w[e] = (w[e] & 0xffff0000u) | ninf;
-                    if (!(mb & 0xff00u)) w[e] = (w[e] & 0xffffu) | ninf << 16;
-                }
-                bp[hh] = make_uint4(w[0], w[1], w[2], w[3]);
+            for (int q = 0; q < 2; q++) { /* mask word 2 hh + q: the bytes of bias words 2q, 2q + 1 */
+                const uint32_t x = mw[2 * hh + q];
+                const uint32_t nz = ((x & 0x7f7f7f7fu) + 0x7f7f7f7fu) | x; /* bit 7 of a byte: it is nonzero */
+                /* a byte's bit 7 replicated over its element's 16 bits: keep lanes, then bias or -inf */
+                const uint32_t k0 = fdma_prmt(nz, 0u, 0x9988u), k1 = fdma_prmt(nz, 0u, 0xbbaau);
+                w[2 * q] = (w[2 * q] & k0) | (ninf2 & ~k0);
+                w[2 * q + 1] = (w[2 * q + 1] & k1) | (ninf2 & ~k1);
             }
+            bp[hh] = make_uint4(w[0], w[1], w[2], w[3]);
         }
-        __syncwarp();
+    };
+    /* the chunks this thread copied (load_aux_top), once its cp.async copies have landed */
+    auto fold_own = [&]() {
+        for (int r = tid >> 2; r < RH; r += 32) fold_chunk(r, tid & 3);
     };
 
     /* ---- main loop over key tiles ---- */
     while (n < n_end) {
         /* pending: K(n), then the bias/mask group of n (its own group: waited only before the scores, or here
            with one mask buffer) */
-        if constexpr (AUX_TOP) fdma_cp_async_wait<0>();
-        else fdma_cp_async_wait<1>();
+        const bool folded = AUX_TOP && mask_aux && st == 1; /* the tile's bias has the mask in it */
+        if constexpr (AUX_TOP) {
+            fdma_cp_async_wait<0>();
+            if (folded) fold_own();
+        } else {
+            fdma_cp_async_wait<1>();
+        }
         __syncthreads();
-        const uint8_t *sKc = sK + kb * C::KV_BYTES;
         const int ib = n % 3, ibn = ib == 2 ? 0 : ib + 1; /* index slots of tiles n and n + 1 (gathered) */
         const int *sI = sIdx + 64 * ib, *sE = sExp + 64 * ib;
         load_rows(sV, vg, p.v_ss, n, sI);
@@ -527,8 +619,6 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
             }
         }
 
-        const bool folded = AUX_TOP && mask_aux && st == 1; /* the tile's bias has the mask in it */
-        if (folded) fold_mask(kb);
         const bool bias_tile = has_bias || folded;
 
         /* Gathered keys: this warp's visibility word of each key c of the tile, bit k = row i0 + wrow + k sees it:
@@ -565,6 +655,7 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
         for (int mi = 0; mi < MI; mi++)
 #pragma unroll
             for (int t = 0; t < 8; t++) s[mi][t][0] = s[mi][t][1] = s[mi][t][2] = s[mi][t][3] = 0.f;
+        const uint32_t aKc = aK + kb * C::KV_BYTES;
 #pragma unroll
         for (int kk = 0; kk < DT / 16; kk++) {
             /* DT > 128: a branch per step past D keeps ptxas from hoisting fragment loads into spills */
@@ -575,14 +666,13 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
                 if constexpr (C::Q_IN_REGS) {
                     a[mi][0] = qa[kk][0]; a[mi][1] = qa[kk][1]; a[mi][2] = qa[kk][2]; a[mi][3] = qa[kk][3];
                 } else {
-                    fdma_ldmatrix_x4(a[mi], sQ + fdma_swz(wrow + 16 * mi + (lane & 15), 2 * kk + (lane >> 4), CPR));
+                    fdma_ldsm_x4(a[mi], aQ + (xQ ^ (32u * kk)) + mi * 16 * ROW_BYTES);
                 }
             }
 #pragma unroll
             for (int np = 0; np < 4; np++) {
                 uint32_t bb[4];
-                fdma_ldmatrix_x4(bb, sKc + fdma_swz(np * 16 + (lane & 7) + ((lane >> 4) << 3),
-                                                   2 * kk + ((lane >> 3) & 1), CPR));
+                fdma_ldsm_x4(bb, aKc + (xK ^ (32u * kk)) + np * 16 * ROW_BYTES);
 #pragma unroll
                 for (int mi = 0; mi < MI; mi++) {
                     fdma_mma16816<T>(s[mi][2 * np], a[mi], bb[0], bb[1]);
@@ -636,14 +726,16 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
                     for (int mi = 0; mi < MI; mi++)
 #pragma unroll
                         for (int u = 0; u < 4; u++) {
-                            const int rl = !own_b ? 0 : wrow + 16 * mi + (lane & 15);
+                            const int rl = !own_b ? 0 : (AUX_TOP ? wr : wrow) + 16 * mi + (lane & 15);
                             uint32_t bw[4];
                             fdma_ldmatrix_x4(bw, sBias + rl * C::BIAS_LD + (2 * u + (lane >> 4)) * 8);
 #pragma unroll
                             for (int x = 0; x < 4; x++) {
                                 float *sv = &s[mi][2 * u + (x >> 1)][2 * (x & 1)];
-                                add_bias(sv[0], fdma_to_float<T>((uint16_t)(bw[x] & 0xffffu)));
-                                add_bias(sv[1], fdma_to_float<T>((uint16_t)(bw[x] >> 16)));
+                                float lo, hi;
+                                fdma_pair_to_float<T>(bw[x], lo, hi);
+                                add_bias(sv[0], lo);
+                                add_bias(sv[1], hi);
                             }
                         }
                 }
@@ -686,7 +778,7 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
                         }
                 }
             }
-        } else if (j0 + 64 > Sk || (p.causal && j0 + 63 > i0 + wrow - Sq + Sk)) { /* tail or diagonal tile */
+        } else if (j0 + 64 > Sk || (p.causal && j0 + 63 > i0 + wr - Sq + Sk)) { /* tail or diagonal tile */
 #pragma unroll
             for (int mi = 0; mi < MI; mi++) {
                 /* keys j0 + jl with jl < lim[r] are visible to the row */
@@ -827,8 +919,7 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
             for (int dp = 0; dp < DT / 16; dp++) {
                 if (DT > 128 && dp * 16 >= D) break;
                 uint32_t bb[4];
-                fdma_ldmatrix_x4_trans(bb, sV + fdma_swz(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3),
-                                                         2 * dp + (lane >> 4), CPR));
+                fdma_ldsm_x4_trans(bb, aV + (xQ ^ (32u * dp)) + kk * 16 * ROW_BYTES);
 #pragma unroll
                 for (int mi = 0; mi < MI; mi++) {
                     fdma_mma16816<T>(o[mi][2 * dp], pa[mi][kk], bb[0], bb[1]);
@@ -871,7 +962,7 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
     uint16_t *og = static_cast<uint16_t *>(p.out) + b * p.o_sb + h * p.o_sh;
 #pragma unroll
     for (int it = 0; it < 16 * MI * CPR / 32; it++) {
-        const int c = lane + it * 32, r = c / CPR, ch = c % CPR, i = i0 + wrow + r;
+        const int c = lane + it * 32, r = c / CPR, ch = c % CPR, i = i0 + wr + r;
         if (i < Sq && ch * 8 < D) {
             const uint4 val = *reinterpret_cast<const uint4 *>(sQ + fdma_swz(wrow + r, ch, CPR));
             uint16_t *dst = og + (int64_t)i * p.o_ss + ch * 8;
@@ -905,8 +996,23 @@ static fdma_status fdma_fwd_launch_t(const FdmaFwdParams &kp, cudaStream_t strea
     if (C::MASK_BUFS == 1 && cudaFuncSetAttribute(kern, cudaFuncAttributePreferredSharedMemoryCarveout,
                                                   (int)cudaSharedmemCarveoutMaxShared) != cudaSuccess)
         cudaGetLastError(); /* only a hint */
-    dim3 grid((unsigned)((int64_t)kp.H * kp.num_m_tiles), (unsigned)kp.B);
-    kern<<<grid, C::THREADS, C::SMEM, stream>>>(kp);
+    /* One mask buffer (mask + bias, AUX_TOP): pack P = 4 or 2 query heads into a CTA when they share K, V, mask,
+       bias and summary (P divides H / Hkv and the mask's and bias's head divisors, or those have one head) and the
+       launcher's summary is there (probe mode keeps one head); RH = BR / P rows of each, ceil(Sq / RH) tiles. */
+    FdmaFwdParams kq = kp;
+    kq.pack_log2 = 0;
+    if (C::MASK_BUFS == 1 && kp.summary) {
+        for (int lp = 2; lp > 0 && !kq.pack_log2; lp--) {
+            const int P = 1 << lp;
+            const bool ok = kp.H % P == 0 && kp.hkv_div % P == 0 && (!kp.bias || kp.b_sh == 0 || kp.b_hdiv % P == 0) &&
+                            (!kp.mask || kp.m_sh == 0 || kp.m_hdiv % P == 0);
+            if (ok) kq.pack_log2 = lp;
+        }
+        const int rh = C::BR >> kq.pack_log2;
+        kq.num_m_tiles = (kp.Sq + rh - 1) / rh;
+    }
+    dim3 grid((unsigned)((int64_t)(kq.H >> kq.pack_log2) * kq.num_m_tiles), (unsigned)kq.B);
+    kern<<<grid, C::THREADS, C::SMEM, stream>>>(kq);
     return fdma_cuda_check_launch(name);
 }
 
