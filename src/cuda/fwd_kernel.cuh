@@ -4,7 +4,9 @@
  * and fwd_d256.cu, each of which instantiates it for one head-dim tile DT and both dtypes.
  *
  * One CTA = one (batch b, query head h, tile of BR = 16*MI*NW query rows); each of the NW warps owns MI
- * blocks of 16 query rows. The kernel is instantiated per feature set FEAT (FDMA_F_* bits: mask, bias,
+ * blocks of 16 query rows. The mask + bias instantiation at DT = 128 packs P = 4 or 2 query heads that share K, V,
+ * mask and bias (GQA with a (B, Hkv, Sq, Sk) mask and bias: W2) into a CTA, BR / P rows of each: their bias/mask
+ * tile is copied and folded once for all of them (fdma_fwd_launch_t picks P; pack_log2). The kernel is instantiated per feature set FEAT (FDMA_F_* bits: mask, bias,
  * dropout, gathered keys, softcap; a clear bit compiles the feature out) and the launcher picks the smallest
  * that covers the call (fdma_fwd_inst): plain (FEAT 0), mask + bias (W2), bias + gather (W1, W1c), or all.
  * Warps x row blocks (common.cuh): D <= 64: 4 x 2 (general 8 x 1); D <= 128: plain, mask + bias and bias +
@@ -35,6 +37,9 @@
  * tile there (AUX_TOP below); without a summary it would probe only up to the first active tile, then take every
  * tile as mixed, so the launcher (api_cuda.cu, fwd_autosum_bytes) computes the summary into the workspace when the
  * caller passes none.
+ *
+ * Shared-memory fragment addresses are per-lane bases kept in registers: with the XOR swizzle, the chunk of the k-th
+ * 16-column step is the lane's base XOR 32k (fdma_swz_lane), and row blocks 16 apart are constant offsets.
  *
  * Keys are addressed through key_row(n, r): dense, 64*n + r; gathered (p.gather, used for a mask whose rows
  * broadcast, e.g. (B, Hkv, 1, Sk)), the n-th 64 entries of the increasing list of kept keys of (b, h), so
