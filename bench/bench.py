@@ -13,12 +13,17 @@ Workloads (bf16, causal; B=1, H=16, Hkv=4, D=128 unless named; Sk from --sizes, 
   W1 B2 H16 D64   W1 with B=2, H=Hkv=16, D=64, Sk=8192, w=2048
   Decode  Sq=1, W1 bias and mask with w=1024, Sk from --decode-sizes (default 16384,131072); forward only
 Peers, all in this process on the same inputs (columns; a peer that cannot run a workload records its error):
-  fdma         ours: flash_dmattn.flash_dmattn_func (CUDA kernels through the C library)
+  fdma         ours: flash_dmattn.flash_dmattn_func (CUDA kernels through the C library); its bias requires grad,
+               so its backward computes dbias too
+  fdma_nodb    W1, W2: ours with a bias that does not require grad (dq, dk, dv only: the work of sdpa_bias)
   fdma_triton  ours: flash_dmattn.triton_dmattn_func        fdma_flex  ours: flash_dmattn.flex_dmattn_func
   sdpa_flash   SDPA FLASH backend, no mask (the dense reference on every workload)
   sdpa_cudnn   SDPA CUDNN backend, no mask
   sdpa_bias    SDPA EFFICIENT backend with the equivalent float mask where(keep & causal, bias, -inf),
                materialised (B, H, Sq, Sk) as a user has to (a plain tensor: its gradient is not asked for)
+  sdpa_bias_db W1, W2: sdpa_bias with that float mask a leaf requiring grad, so that its backward also computes
+               the bias gradient (the work of fdma); (B, H, Sq, Sk) mask + gradient (16 GiB at 16K), only at
+               Sk <= --materialise-max
   sdpa_gather  Decode only: gather the kept keys/values/bias (torch.gather), then SDPA over the w keys
   flex         FlexAttention (torch.compile'd): score_mod adds the bias, block_mask from keep & causal (built
                once, outside the timing)
@@ -33,14 +38,18 @@ heads outside the timing (the backward then returns dK/dV per query head; summed
 Method: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"). Forward is timed under no_grad
 (flex and fdma_flex: with grad enabled, so that one compiled graph serves forward and backward); backward alone
 as do_bench(lambda: out.backward(dout, retain_graph=True), grad_to_none=leaves). ours' inputs q, k, v and bias
-require grad. TFLOP/s: forward 4*B*H*Sq*Sk*D (halved when causal with Sq == Sk), backward 2.5x; "useful"
-counts only the kept (query, key) pairs. Ratios (peer ms / ours ms) only within this run.
+require grad (fdma_nodb: q, k, v). TFLOP/s: forward 4*B*H*Sq*Sk*D (halved when causal with Sq == Sk), backward
+2.5x; "useful" counts only the kept (query, key) pairs. Ratios (peer ms / ours ms) only within this run.
 Checks: max |out - ref| (finite entries) and max |dX - dX_ref| / max |dX_ref| for ours against the reference
-peer (sdpa_bias with a bias, else sdpa_flash; pass 3 backends against fdma). Peak memory (W1 rows):
+peer (sdpa_bias with a bias, else sdpa_flash; pass 3 backends against fdma). dbias of ours (pass 1) against
+sdpa_bias_db's gradient of the float mask put into the bias's shape (mask_grad_as_bias: kept and causally visible
+elements only, summed over the query heads of a group, and over query rows for W1's per-key bias; ours' dbias
+elsewhere must be 0, SPEC section 4). Peak memory (W1 rows):
 torch.cuda.max_memory_allocated over ours' forward+backward, W1 vs the same call without mask/bias; W1c: the
 fused call, vs dense up to Sk=65536, and against the bytes of its own tensors (q k v bias out dout lse grads).
 The report ends with issue 8's bars: W1c t(4 Sk)/t(Sk) at fixed w (<= 5), W1 / W1c vs SDPA cuDNN's dense
-causal forward and backward (>= 5x at 16K), W1c peak memory.
+causal forward and backward (>= 5x at 16K), W1c peak memory; then the equal-work ratios of W1 and W2: backward
+sdpa_bias / fdma_nodb and sdpa_bias_db / fdma, forward flex / fdma.
 
 Passes (so that a time budget keeps the cheap, essential numbers): 1. SDPA peers, fdma, mask; 2. flex;
 3. fdma_triton, fdma_flex. Each pass walks the workloads in priority order; --budget-s skips what no longer
@@ -76,16 +85,18 @@ except ImportError:  # very old torch: SDPA peers record the error
     SDPBackend = sdpa_kernel = None
 
 DT = torch.bfloat16
-PASSES = [["sdpa_flash", "sdpa_cudnn", "sdpa_bias", "sdpa_gather", "fdma", "mask", "fdma+mask"],
+PASSES = [["sdpa_flash", "sdpa_cudnn", "sdpa_bias", "sdpa_bias_db", "sdpa_gather", "fdma", "fdma_nodb", "mask",
+           "fdma+mask"],
           ["flex"],
           ["fdma_triton", "fdma_flex"]]
-OURS = ("fdma", "fdma_triton", "fdma_flex")
+OURS = ("fdma", "fdma_nodb", "fdma_triton", "fdma_flex")
 HEAVY_NEED_S = {"flex": 45.0, "fdma_flex": 45.0, "fdma_triton": 25.0}   # compile time to expect
-TABLE_PEERS = ["fdma", "fdma_triton", "fdma_flex", "sdpa_flash", "sdpa_cudnn", "sdpa_bias", "flex", "sdpa_gather",
-               "mask"]
-SHORT = {"fdma": "fdma", "fdma_triton": "triton", "fdma_flex": "flex_bk", "sdpa_flash": "sdpa_flash",
-         "sdpa_cudnn": "sdpa_cudnn", "sdpa_bias": "sdpa_bias", "flex": "flex", "sdpa_gather": "gather",
-         "mask": "mask", "fdma+mask": "fdma+mask"}
+TABLE_PEERS = ["fdma", "fdma_nodb", "fdma_triton", "fdma_flex", "sdpa_flash", "sdpa_cudnn", "sdpa_bias", "sdpa_bias_db",
+               "flex", "sdpa_gather", "mask"]
+SHORT = {"fdma": "fdma", "fdma_nodb": "fdma_nodb", "fdma_triton": "triton", "fdma_flex": "flex_bk",
+         "sdpa_flash": "sdpa_flash", "sdpa_cudnn": "sdpa_cudnn", "sdpa_bias": "sdpa_bias",
+         "sdpa_bias_db": "sdpa_bias_db", "flex": "flex", "sdpa_gather": "gather", "mask": "mask",
+         "fdma+mask": "fdma+mask"}
 
 
 class Interrupted(BaseException):
@@ -177,6 +188,28 @@ def float_mask(keep, bias, H, Sq, Sk):
     B, Hx = fm.shape[0], fm.shape[1]
     fm = fm.expand(B, Hx, Sq, Sk)
     return fm.repeat_interleave(H // Hx, dim=1).contiguous() if Hx != H else fm.contiguous()
+
+
+def mask_grad_as_bias(gm, keep, bias_shape, Sq, Sk):
+    """SDPA's gradient gm (B, H, Sq, Sk) of float_mask(keep, bias) in the bias's shape (B, Hkv, Sq|1, Sk), fp32:
+    only kept and causally visible elements (elsewhere the mask is -inf: its gradient is 0, or NaN in a row that
+    sees no key), summed over the query heads of a group and, for a per-key bias, over the query rows. That is
+    ours' dbias (SPEC section 4: summed over the broadcast dims, 0 at masked entries). Row blocks bound the scratch."""
+    B, H = gm.shape[0], gm.shape[1]
+    Hkv = bias_shape[1]
+    out = torch.zeros(B, Hkv, bias_shape[2], Sk, device=gm.device, dtype=torch.float32)
+    j = torch.arange(Sk, device=gm.device)
+    for i0 in range(0, Sq, 1024):
+        i = torch.arange(i0, min(Sq, i0 + 1024), device=gm.device)
+        vis = j[None, :] <= (i[:, None] + Sk - Sq)
+        kp = (keep if keep.shape[2] == 1 else keep[:, :, i0:i0 + len(i)]) & vis       # (B, Hkv, rows, Sk)
+        g = gm[:, :, i0:i0 + len(i)].float().view(B, Hkv, H // Hkv, len(i), Sk)
+        g = torch.where(kp[:, :, None], g, 0.0).sum(2)
+        if bias_shape[2] == 1:
+            out += g.sum(2, keepdim=True)
+        else:
+            out[:, :, i0:i0 + len(i)] = g
+    return out
 
 
 def dense_flops(B, H, Sq, Sk, D, causal):
@@ -304,12 +337,16 @@ def build_peer(name, X, ctx):
         if sdpa_kernel is None:
             return "torch without torch.nn.attention.sdpa_kernel"
         backend = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION",
-                   "sdpa_bias": "EFFICIENT_ATTENTION"}[name]
+                   "sdpa_bias": "EFFICIENT_ATTENTION", "sdpa_bias_db": "EFFICIENT_ATTENTION"}[name]
         if name == "sdpa_cudnn" and kind == "decode":
             return "not a decode peer"
-        with_mask = name == "sdpa_bias"
+        with_mask = name in ("sdpa_bias", "sdpa_bias_db")
+        mask_grad = name == "sdpa_bias_db"   # the float mask is a leaf: its backward computes the bias gradient
         if with_mask and bias is None:
             return "no bias in this workload"
+        if mask_grad and Sk > ctx.args.materialise_max:
+            return (f"needs the (B, H, Sq, Sk) float mask and its gradient ({4 * B * H * Sq * Sk / 2**30:.3g} GiB); "
+                    f"skipped above --materialise-max {ctx.args.materialise_max}")
         if ctx.dev == "cpu" and with_mask:   # smoke test: the CPU has no EFFICIENT kernel
             backend = None
         native = g == 1 or ctx.gqa.get(backend, False)
@@ -323,10 +360,10 @@ def build_peer(name, X, ctx):
         m = X["fm"] if with_mask else None
         kw = {"enable_gqa": True} if native and g > 1 else {}
 
-        def call(q_, k_, v_):
+        def call(q_, k_, v_, m_=m):
             kt, vt = (k_.transpose(1, 2), v_.transpose(1, 2)) if native else (k_, v_)
             with _sdpa_ctx(backend):
-                o = F.scaled_dot_product_attention(q_.transpose(1, 2), kt, vt, attn_mask=m, is_causal=is_causal, **kw)
+                o = F.scaled_dot_product_attention(q_.transpose(1, 2), kt, vt, attn_mask=m_, is_causal=is_causal, **kw)
             return o.transpose(1, 2)
         if native:
             kf, vf = k, v
@@ -334,12 +371,20 @@ def build_peer(name, X, ctx):
             kf, vf = (t.transpose(1, 2).repeat_interleave(g, dim=1).contiguous() for t in (k, v))
 
         def grads(inp):
-            dq, dk, dv = (t.grad for t in inp)
+            dq, dk, dv = (t.grad for t in inp[:3])
             if not native:
                 dk, dv = (t.view(B, Hkv, g, Sk, D).sum(2).transpose(1, 2) for t in (dk, dv))
-            return {"dq": dq, "dk": dk, "dv": dv}
-        return Peer(name, lambda tr: tuple(_leaf(t) if tr else t for t in (q, kf, vf)), call,
-                    leaves=lambda inp: list(inp), grads=grads, has_bwd=train)
+            d = {"dq": dq, "dk": dk, "dv": dv}
+            if mask_grad:
+                d["dbias"] = mask_grad_as_bias(inp[3].grad, keep, bias.shape, Sq, Sk)
+            return d
+
+        def inputs(tr):
+            qkv = tuple(_leaf(t) if tr else t for t in (q, kf, vf))
+            if not mask_grad:
+                return qkv
+            return qkv + (X["fm"].detach().requires_grad_() if tr else X["fm"],)   # a leaf sharing fm's memory
+        return Peer(name, inputs, call, leaves=lambda inp: list(inp), grads=grads, has_bwd=train)
 
     if name == "sdpa_gather":
         if kind != "decode":
@@ -381,13 +426,14 @@ def build_peer(name, X, ctx):
     if name in OURS:
         if fd is None:
             return "flash_dmattn failed to import"
+        impl = "fdma" if name == "fdma_nodb" else name
         f = {"fdma": fd.flash_dmattn_func, "fdma_triton": getattr(fd, "triton_dmattn_func", None),
-             "fdma_flex": getattr(fd, "flex_dmattn_func", None)}[name]
+             "fdma_flex": getattr(fd, "flex_dmattn_func", None)}[impl]
         avail = {"fdma": getattr(fd, "CUDA_AVAILABLE", False) or ctx.dev == "cpu",
                  "fdma_triton": getattr(fd, "TRITON_AVAILABLE", False),
-                 "fdma_flex": getattr(fd, "FLEX_AVAILABLE", False)}[name]
+                 "fdma_flex": getattr(fd, "FLEX_AVAILABLE", False)}[impl]
         if f is None or not avail:
-            why = getattr(getattr(fd, "_lib", None), "LOAD_ERROR", None) if name == "fdma" else None
+            why = getattr(getattr(fd, "_lib", None), "LOAD_ERROR", None) if impl == "fdma" else None
             return f"backend unavailable ({why or 'flag False'})"
         # W1c: the call selects per row itself (keep_window_size); triton / flex build the selection inside
         # the call with create_mask, so they are held to the same size limit as the materialising peers
@@ -399,14 +445,16 @@ def build_peer(name, X, ctx):
             o = f(q_, k_, v_, attn_mask=keep, attn_bias=b_, is_causal=X["causal"], keep_window_size=window)
             return o[0] if isinstance(o, tuple) else o
 
+        base = (q, k, v) if bias is None else (q, k, v, bias)
+        nleaf = 3 if name == "fdma_nodb" else len(base)   # fdma_nodb: the bias stays a plain tensor (no dbias)
+
         def grads(inp):
             d = {"dq": inp[0].grad, "dk": inp[1].grad, "dv": inp[2].grad}
-            if len(inp) > 3:
+            if nleaf > 3:
                 d["dbias"] = inp[3].grad
             return d
-        base = (q, k, v) if bias is None else (q, k, v, bias)
-        return Peer(name, lambda tr: tuple(_leaf(t) if tr else t for t in base), call,
-                    leaves=lambda inp: list(inp), grads=grads, fwd_grad=(name == "fdma_flex" and train),
+        return Peer(name, lambda tr: tuple(_leaf(t) if tr and n < nleaf else t for n, t in enumerate(base)), call,
+                    leaves=lambda inp: list(inp[:nleaf]), grads=grads, fwd_grad=(name == "fdma_flex" and train),
                     has_bwd=train)
 
     if name == "flex":
@@ -566,6 +614,8 @@ def run_peer(peer, X, row, ctx, ref):
                 for kk in ("dq", "dk", "dv", "dbias"):
                     if kk in grads and kk in ref["grads"]:
                         d[kk] = _diff_rel(grads[kk], ref["grads"][kk], X.get("valid") if kk == "dq" else None)
+                if "dbias" in d and ref.get("dbias_ref"):
+                    d["dbias_ref"] = ref["dbias_ref"]
             row.setdefault("diff", {})[name] = d
         except Exception as e:
             errors[name + "/check"] = f"{type(e).__name__}: {e}"[:300]
@@ -647,6 +697,8 @@ def ref_name(kind, pass_no, fd_ok):
 
 
 def applies(name, kind):
+    if name in ("fdma_nodb", "sdpa_bias_db"):
+        return kind in ("W1", "W2")
     if name in ("flex", "sdpa_bias", "mask", "fdma+mask"):
         return kind != "dense"
     if name == "sdpa_gather":
@@ -723,6 +775,9 @@ def run_workload(spec, row, row_id, peers, pass_no, ctx):
         r = run_peer(p, X, row, ctx, ref)
         if name == rname:
             ref = r
+        elif name == "sdpa_bias_db" and ref and ref.get("grads") and (r["grads"] or {}).get("dbias") is not None:
+            ref["grads"]["dbias"] = r["grads"]["dbias"]   # the reference for the dbias of the peers after it
+            ref["dbias_ref"] = name
     if pass_no == 0 and kind == "W1":
         peak_memory(X, ctx, row)
     if pass_no == 0 and kind == "W1c" and "fdma" in peers and "fdma" not in a.skip:
@@ -786,11 +841,13 @@ def report(data, out_dir=None):
     for r in rows:
         parts = []
         for p, d in r.get("diff", {}).items():
-            if p not in OURS:
+            if p not in OURS and p != "sdpa_bias_db":
                 continue
             g = [d.get(k) for k in ("dq", "dk", "dv", "dbias") if d.get(k) is not None or k in d]
             gs = "/".join("nan" if x is None or x != x else f"{x:.1e}" for x in g)
-            parts.append(f"{SHORT[p]} vs {SHORT.get(d['ref'], d['ref'])}: {d['out']:.1e}" + (f" g {gs}" if gs else ""))
+            dbr = f" (dbias vs {SHORT.get(d['dbias_ref'], d['dbias_ref'])})" if d.get("dbias_ref") else ""
+            parts.append(f"{SHORT[p]} vs {SHORT.get(d['ref'], d['ref'])}: {d['out']:.1e}" + (f" g {gs}" if gs else "")
+                         + dbr)
         pm = r.get("peak_mb", {})
         if pm.get("fdma"):
             parts.append(f"peak {pm['fdma']:.0f}/{pm.get('fdma_dense', 0):.0f} MB")
@@ -800,6 +857,7 @@ def report(data, out_dir=None):
             parts.append(f"mask {r['fwd_ms']['mask']:.3f} ms, fdma+mask {fmt_ms(r['fwd_ms'].get('fdma+mask'))} ms")
         lines.append(f"{r['workload']:14s}{r['Sk']:7d}  " + "; ".join(parts))
     lines += issue8_lines(rows)
+    lines += equal_work_lines(rows)
     ne = sum(len(r.get("errors", {})) for r in rows)
     sk = sorted({f"{r['workload']} {r['Sk']}: {p}" for r in rows for p, why in r.get("skipped", {}).items()
                  if why != "--skip"})
@@ -864,6 +922,22 @@ def issue8_lines(rows):
     return out
 
 
+def equal_work_lines(rows):
+    """The ratios the issues quote, per W1 / W2 row (peer ms / ours ms, > 1: ours faster): backward at equal work,
+    sdpa_bias / fdma_nodb (dq dk dv) and sdpa_bias_db / fdma (dq dk dv and the bias gradient); forward flex / fdma."""
+    out = []
+    for r in rows:
+        if r["workload"] not in ("W1", "W2"):
+            continue
+        cells = []
+        for key, tag, peer, ours in (("bwd_ms", "bwd", "sdpa_bias", "fdma_nodb"),
+                                     ("bwd_ms", "bwd", "sdpa_bias_db", "fdma"), ("fwd_ms", "fwd", "flex", "fdma")):
+            a, b = r.get(key, {}).get(peer), r.get(key, {}).get(ours)
+            cells.append(f"{tag} {peer}/{ours} " + (f"{a / b:.2f} ({fmt_ms(a)}/{fmt_ms(b)})" if a and b else "-"))
+        out.append(f"  {r['workload']} Sk={r['Sk']}: " + "; ".join(cells))
+    return ["", "equal-work ratios (peer ms / ours ms, > 1: ours faster):"] + out if out else []
+
+
 def plot(data, path):
     try:
         import matplotlib
@@ -872,7 +946,8 @@ def plot(data, path):
         rows = data["rows"]
         tr = [r for r in rows if r["kind"] != "decode"]
         dc = [r for r in rows if r["kind"] == "decode"]
-        peers = ["fdma", "fdma_triton", "fdma_flex", "sdpa_flash", "sdpa_cudnn", "sdpa_bias", "flex"]
+        peers = ["fdma", "fdma_nodb", "fdma_triton", "fdma_flex", "sdpa_flash", "sdpa_cudnn", "sdpa_bias",
+                 "sdpa_bias_db", "flex"]
         fig, axs = plt.subplots(3, 1, figsize=(14, 13))
         wd = 0.8 / len(peers)
         for ax, key, mult, title in ((axs[0], "fwd_ms", 1.0, "forward"), (axs[1], "bwd_ms", 2.5, "backward")):

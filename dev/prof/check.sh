@@ -30,15 +30,15 @@ if [ -n "${FDMA_NCU:-}" ]; then   # FDMA_NCU="regex skip count": ncu (stall reas
     set -- $FDMA_NCU
     R="barrier long_scoreboard short_scoreboard math_pipe_throttle mio_throttle lg_throttle wait not_selected dispatch_stall no_instruction branch_resolving drain membar tex_throttle"
     M=$(for r in $R; do printf "smsp__average_warps_issue_stalled_%s_per_issue_active.ratio," "$r"; done)
-    M="${M}smsp__inst_executed.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,sm__warps_active.avg.pct_of_peak_sustained_active,gpu__time_duration.sum"
+    M="${M}smsp__inst_executed.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,sm__warps_active.avg.pct_of_peak_sustained_active,dram__throughput.avg.pct_of_peak_sustained_elapsed,lts__t_sector_hit_rate.pct,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum,gpu__time_duration.sum"
     timeout 240 ncu --clock-control none --metrics "$M" -k regex:"$1" --launch-skip "$2" --launch-count "$3" \
         python3 dev/prof/kprof.py ${FDMA_NCU_CASE:-w1c} > "$OUT/ncu.txt" 2>&1
-    echo "ncu rc=$?"; grep -E "^  [a-zA-Z_].*\(|smsp__|sm__|l1tex|gpu__" "$OUT/ncu.txt" | sed -e 's/smsp__average_warps_issue_stalled_//' -e 's/_per_issue_active.ratio//' | cut -c1-150
+    echo "ncu rc=$?"; grep -E "^  [a-zA-Z_].*\(|smsp__|sm__|l1tex|gpu__|dram__|lts__" "$OUT/ncu.txt" | sed -e 's/smsp__average_warps_issue_stalled_//' -e 's/_per_issue_active.ratio//' | cut -c1-150
 fi
 if [ -n "${FDMA_SASS:-}" ]; then   # FDMA_SASS="mangled kernel name ...": static opcode histogram of each
     for fn in $FDMA_SASS; do
-        cuobjdump -sass -fun "$fn" /tmp/fb/libflashdma.so > "$OUT/sass_${fn:0:40}.txt" 2>&1
-        echo "== SASS $fn: $(grep -cE '^\s+/\*[0-9a-f]{4}\*/' "$OUT/sass_${fn:0:40}.txt") instructions"
-        grep -oE '^\s+/\*[0-9a-f]{4}\*/\s+(@!?U?P[0-9T] )?[A-Z0-9_]+' "$OUT/sass_${fn:0:40}.txt" | awk '{print $NF}' | sort | uniq -c | sort -rn | head -25 | tr '\n' ' '; echo
+        cuobjdump -sass -fun "$fn" /tmp/fb/libflashdma.so > "$OUT/sass_$(echo "$fn" | md5sum | cut -c1-8).txt" 2>&1
+        echo "== SASS $fn: $(grep -cE '^\s+/\*[0-9a-f]{4,6}\*/' "$OUT/sass_$(echo "$fn" | md5sum | cut -c1-8).txt") instructions"
+        grep -oE '^\s+/\*[0-9a-f]{4,6}\*/\s+(@!?U?P[0-9T] )?[A-Z0-9_]+' "$OUT/sass_$(echo "$fn" | md5sum | cut -c1-8).txt" | awk '{print $NF}' | sort | uniq -c | sort -rn | head -25 | tr '\n' ' '; echo
     done
 fi

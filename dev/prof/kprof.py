@@ -1,32 +1,45 @@
 """kprof.py -- per-kernel GPU time of one fdma call under torch.profiler (dev tool, not a test).
 
-    python dev/prof/kprof.py            W1c 16K fwd+bwd, W1 16K fwd+bwd, dense 16K fwd+bwd (B=1 H=16 Hkv=4 D=128)
+    python dev/prof/kprof.py                   W1c, W1 and dense at Sk = 16K, forward + backward
+    python dev/prof/kprof.py w2@4096 w2nb@16384  cases as NAME[@Sk]: w1c, w1, dense, w2 (full bias (B, Hkv, Sq, Sk)
+                                               with its dbias and the per-row causal top-w mask), w2nb (the same,
+                                               the bias without grad)
+B=1, H=16, Hkv=4, D=128, bf16, w=1024.
 """
+import os
 import sys
 import torch
 from torch.profiler import profile, ProfilerActivity
 import flash_dmattn as fd
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bench"))
+from bench import make_w2  # noqa: E402
+
 dev, dt = "cuda", torch.bfloat16
-B, H, Hkv, D = 1, 16, 4, 128
+B, H, Hkv, D, W = 1, 16, 4, 128, 1024
 
 
-def case(name, Sk, bias=None, mask=None, w=None):
+def case(name, Sk):
     g = torch.Generator(device=dev).manual_seed(0)
     q = torch.randn(B, Sk, H, D, device=dev, dtype=dt, generator=g).requires_grad_()
     k = torch.randn(B, Sk, Hkv, D, device=dev, dtype=dt, generator=g).requires_grad_()
     v = torch.randn(B, Sk, Hkv, D, device=dev, dtype=dt, generator=g).requires_grad_()
-    b = None
-    if bias:
+    b = m = w = None
+    if name in ("w1c", "w1"):
         b = torch.randn(B, Hkv, 1, Sk, device=dev, dtype=dt, generator=g).requires_grad_()
-    m = None
-    if mask:
-        sel = torch.randn(B, Hkv, 1, Sk, device=dev, generator=g).topk(1024, dim=-1).indices
+    if name == "w1c":
+        w = W
+    if name == "w1":
+        sel = torch.randn(B, Hkv, 1, Sk, device=dev, generator=g).topk(W, dim=-1).indices
         m = torch.zeros(B, Hkv, 1, Sk, device=dev, dtype=torch.bool).scatter_(-1, sel, True)
+    if name in ("w2", "w2nb"):
+        torch.manual_seed(0)
+        b, m = make_w2(B, Hkv, Sk, Sk, W, dev, dt)
+        b.requires_grad_(name == "w2")
     do = torch.randn(B, Sk, H, D, device=dev, dtype=dt, generator=g)
 
     def step():
-        o = fd.flash_dmattn_func(q, k, v, attn_mask=m, attn_bias=b, is_causal=mask is None, keep_window_size=w)
+        o = fd.flash_dmattn_func(q, k, v, attn_mask=m, attn_bias=b, is_causal=name != "w1", keep_window_size=w)
         o.backward(do)
 
     for _ in range(3):
@@ -49,11 +62,6 @@ def case(name, Sk, bias=None, mask=None, w=None):
 
 
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["w1c", "w1", "dense"]
-    for Sk in (16384,):
-        if "w1c" in which:
-            case("W1c", Sk, bias=True, w=1024)
-        if "w1" in which:
-            case("W1", Sk, mask=True)
-        if "dense" in which:
-            case("dense", Sk)
+    for arg in sys.argv[1:] or ["w1c", "w1", "dense"]:
+        nm, _, sk = arg.partition("@")
+        case(nm, int(sk or 16384))
