@@ -4,7 +4,8 @@
  *
  * One call runs, on p->stream, with no allocation and no synchronization:
  *   1. di_kernel:       Di[b,h,i] = dout[b,i,h,:] . out[b,i,h,:]                    (fp32, workspace)
- *   2. memset           dq accumulator (default mode) and dbias accumulator (broadcast bias) to 0
+ *   2. memset           dq accumulator (default mode) to 0; dbacc_zero: the dbias accumulator (broadcast bias; a
+ *                       causal call's query rows only up to their last visible key)
  *   0. top-k window     the selection (window.cuh): the keep mask, or the SPARSE expiry and key lists
  *   3. dkdv kernel      dk, dv (or per-query-head fp32 partials), dbias, dq atomics (bwd_common.cuh; the calls
  *                       without dropout, softcap or window in the default mode: bwd_dense.cuh's one-pass kernel)
@@ -13,13 +14,15 @@
  *                       keys, dq in registers, dk/dv/dbias by fp32 atomics (O(Sq * w) work)
  *   4. dq_convert       dq = scale * accumulator                                     (default mode)
  *      kv_reduce        dk, dv = sum of the g per-query-head partials                 (GQA, CTA per query head)
- *      dbias_finalize   dbias = sum of the fp32 accumulator over the partial dims     (broadcast bias)
+ *      dbias_finalize   dbias = sum of the fp32 accumulator over the partial dims     (broadcast bias; 0 past a
+ *                       causal row's last visible key without reading)
  *
  * Devices: compute capability 9.0 (the plan refuses others with UNSUPPORTED; bwd_common.cuh says why).
  *
  * Workspace (each region 256-byte aligned): the window's selection; then fp32 Di (B*H*Sq), dq accumulator
  * (B*Sq*H*D, default mode), dk/dv partials (2*B*H*Sk*D, GQA split by query head; sparse kernel: 2*B*Hkv*Sk*D),
- * dbias accumulator (bias elements, or B*H*Sk for a row-broadcast bias). Never a (B, H, Sq, Sk) buffer unless
+ * dbias accumulator (bias elements, or B*H*Sk for a row-broadcast bias; rows padded to a multiple of 4 floats, so
+ * that the dense kernel's 16-byte reductions stay aligned and inside their row). Never a (B, H, Sq, Sk) buffer unless
  * the caller's bias or mask has Sq rows and a window is asked (MASK mode: Sq*Sk bytes per selection row).
  */
 #include <cuda_runtime.h>
@@ -42,8 +45,11 @@ struct Config {
     int sparse;       /* the sparse kernel (SPARSE window or row-broadcast mask, default mode, D <= 128): dk/dv fp32
                          (B, Hkv, Sk, D) accumulators */
     int gather_rows;  /* sparse kernel over a row-broadcast mask: its kept-key lists (fdma_cuda_gather_launch) */
-    int dense;        /* bwd_dense.cuh's one-pass kernel (dense_eligible; same grid and workspace as the dkdv kernel) */
+    int dense;        /* bwd_dense.cuh's one-pass kernel (dense_eligible; the dkdv kernel's workspace and grid, but a
+                         CTA per query head for ACC dbias too: atomics instead of owner loops) */
     int key_bias;     /* a bias whose rows broadcast (dim 2 == 1): the dense kernel's KEY-BIAS instantiations */
+    int smask;        /* the dense kernel stages the mask in shared memory (dense_mask_staged) */
+    int64_t Skp;      /* dbias accumulator row pitch: Sk rounded up to a multiple of 4 */
     size_t off_gl, off_di, off_dq, off_dk, off_dv, off_db, total;
 };
 
@@ -74,7 +80,6 @@ static void make_config(const fdma_params *p, int sparse_window, Config *c) {
     c->b_per_cta = 1;
     c->hkv_per_cta = 1;
     c->dbias_mode = DBIAS_NONE;
-    int heads_together = 0; /* dbias needs every query head of a kv head (or all heads) in one CTA */
     if (p->bias.ptr && p->dbias) {
         const int64_t *d = p->bias.dim;
         if (dims_equal_full(p) && !sparse) {
@@ -85,22 +90,34 @@ static void make_config(const fdma_params *p, int sparse_window, Config *c) {
             c->AH = p->H;
             c->A2 = 1;
         } else {
-            c->dbias_mode = DBIAS_ACC; /* one fp32 element per bias element: owners loop over sharers */
+            c->dbias_mode = DBIAS_ACC; /* one fp32 element per bias element */
             c->AB = d[0];
             c->AH = d[1];
             c->A2 = d[2];
-            if (d[0] == 1 && p->B > 1) c->b_per_cta = (int)p->B;
-            if (d[1] < p->H) heads_together = 1;
-            if (d[1] == 1 && p->H > 1) c->hkv_per_cta = (int)p->Hkv;
         }
     }
-    c->per_head = g > 1 && !heads_together && !sparse;
-    int64_t bs[4]; /* the bias strides as the kernels see them (Args::bs: 0 for a broadcast dim) */
-    for (int x = 0; x < 4; x++) bs[x] = p->bias.dim[x] == 1 ? 0 : p->bias.stride[x];
+    c->Skp = (p->Sk + 3) & ~(int64_t)3;
+    int64_t bs[4], ms[4]; /* the bias and mask strides as the kernels see them (Args::bs, ms: 0 for a broadcast dim) */
+    for (int x = 0; x < 4; x++) {
+        bs[x] = p->bias.dim[x] == 1 ? 0 : p->bias.stride[x];
+        ms[x] = p->mask.dim[x] == 1 ? 0 : p->mask.stride[x];
+    }
     const int bias_form = dense_bias_form(p->bias.ptr, bs, c->dbias_mode, p->Sq);
     c->key_bias = bias_form == DENSE_BIAS_KEY;
     c->dense = !sparse && dense_eligible(c->Dp, p->deterministic, p->p_drop > 0.f, p->softcap, sparse_window != 0,
                                         bias_form);
+    c->smask = c->dense && dense_mask_staged((const uint8_t *)p->mask.ptr, ms);
+    /* ACC in the dkdv kernel: each accumulator element has one owner thread, so one CTA loops over the batches and
+       kv heads that share it (every query head of a kv head, or all heads, in one CTA). The dense kernel adds with
+       atomics instead and keeps a CTA per query head. */
+    int heads_together = 0;
+    if (c->dbias_mode == DBIAS_ACC && !c->dense) {
+        const int64_t *d = p->bias.dim;
+        if (d[0] == 1 && p->B > 1) c->b_per_cta = (int)p->B;
+        if (d[1] < p->H) heads_together = 1;
+        if (d[1] == 1 && p->H > 1) c->hkv_per_cta = (int)p->Hkv;
+    }
+    c->per_head = g > 1 && !heads_together && !sparse;
     const int64_t rows = p->B * p->H * p->Sq;
     size_t off = 0;
     c->off_di = off;
@@ -120,7 +137,7 @@ static void make_config(const fdma_params *p, int sparse_window, Config *c) {
     }
     c->off_db = off;
     if (c->dbias_mode == DBIAS_ACC || c->dbias_mode == DBIAS_ACC_ROWS)
-        off += align256((size_t)(c->AB * c->AH * c->A2 * p->Sk) * 4);
+        off += align256((size_t)(c->AB * c->AH * c->A2 * c->Skp) * 4);
     c->off_gl = off;
     if (c->gather_rows) off += align256((size_t)(p->mask.dim[0] * p->mask.dim[1] * (p->Sk + 16)) * 4);
     c->total = off;
@@ -213,24 +230,104 @@ __global__ void kv_reduce(const float *part, T *dst, int64_t s0, int64_t s1, int
     store8(dst + b * s0 + j * s1 + hkv * s2 + d, f);
 }
 
-/* dbias (d0, d1, d2, Sk) = sum over the accumulator entries (AB, AH, A2, Sk) that map to it, fixed order. */
-template <typename T>
-__global__ void dbias_finalize(const float *acc, T *dbias, int64_t st0, int64_t st1, int64_t st2, int64_t st3,
-                               int64_t d0, int64_t d1, int64_t d2, int64_t Sk, int64_t AH, int64_t A2,
-                               int64_t nb_sum, int64_t nh_sum) {
-    const int64_t x = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (x >= d0 * d1 * d2 * Sk) return;
-    const int64_t j = x % Sk, e2 = (x / Sk) % d2, e1 = (x / (Sk * d2)) % d1, e0 = x / (Sk * d2 * d1);
-    float s = 0.f;
-    for (int64_t rb = 0; rb < nb_sum; rb++)
-        for (int64_t rh = 0; rh < nh_sum; rh++) {
-            const int64_t b = e0 * nb_sum + rb, hh = e1 * nh_sum + rh;
-            s += acc[((b * AH + hh) * A2 + (A2 == 1 ? 0 : e2)) * Sk + j];
+/* ---- dbias accumulator: zeroing and finalisation ------------------------------------------------------------
+ * Both walk rows of Sk keys as 2-D grids: x = chunks of 8 keys (blockDim.x threads of 8 keys each), y = the d2 rows
+ * of a group (blockDim.y rows per block, grid-stride), z = the groups (grid-stride): no division per element, one per
+ * group. causal_rows: the d2 rows are the query rows of a causal call, so row e2 has no visible key past
+ * e2 + shift (shift = Sk - Sq): no kernel adds anything there, the zeroing skips those keys and the finalisation
+ * writes 0 there without reading them. */
+__device__ __forceinline__ int64_t acc_row_limit(int64_t e2, int64_t Sk, int causal_rows, int64_t shift) {
+    if (!causal_rows) return Sk;
+    const int64_t l = e2 + shift + 1;
+    return l < 0 ? 0 : l < Sk ? l : Sk;
+}
+
+/* The accumulator (groups x d2 rows of Skp floats) = 0 on keys [0, row limit) rounded up to 4 (float4 stores). */
+__global__ void dbacc_zero(float *acc, int64_t groups, int64_t d2, int64_t Sk, int64_t Skp, int causal_rows,
+                           int64_t shift) {
+    const int64_t j0 = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    if (j0 >= Sk) return;
+    const float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int64_t gr = blockIdx.z; gr < groups; gr += gridDim.z)
+        for (int64_t e2 = (int64_t)blockIdx.y * blockDim.y + threadIdx.y; e2 < d2;
+             e2 += (int64_t)gridDim.y * blockDim.y) {
+            const int64_t lim = acc_row_limit(e2, Sk, causal_rows, shift);
+            float4 *row = reinterpret_cast<float4 *>(acc + (gr * d2 + e2) * Skp + j0);
+            if (j0 < lim) row[0] = z;
+            if (j0 + 4 < lim) row[1] = z; /* j0 + 8 <= Skp */
         }
-    dbias[e0 * st0 + e1 * st1 + e2 * st2 + j * st3] = from_f<T>(s);
+}
+
+/* dbias (d0, d1, d2, Sk), strides st (0 for broadcast dims) = the sum of the accumulator rows that map to each of
+ * its rows: nb_sum batches x nh_sum heads (the partial dims; AH heads of d2 rows of Skp floats per accumulator batch),
+ * in a fixed order; groups = d0 * d1. 8 keys per thread: two float4 loads per summed row, one 16-byte store where vec
+ * (unit key stride, 16-byte aligned rows) and all 8 keys are inside Sk, else scalar stores. */
+template <typename T>
+__global__ void dbias_finalize(const float *__restrict__ acc, T *__restrict__ dbias, int64_t st0, int64_t st1,
+                               int64_t st2, int64_t st3, int vec, int64_t groups, int64_t d1, int64_t d2, int64_t Sk,
+                               int64_t Skp, int64_t AH, int64_t nb_sum, int64_t nh_sum, int causal_rows,
+                               int64_t shift) {
+    const int64_t j0 = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    if (j0 >= Sk) return;
+    const int64_t hstep = d2 * Skp, bstep = AH * hstep;
+    for (int64_t gr = blockIdx.z; gr < groups; gr += gridDim.z) {
+        const int64_t e0 = gr / d1, e1 = gr - e0 * d1;
+        const float *src0 = acc + e0 * nb_sum * bstep + e1 * nh_sum * hstep + j0;
+        T *dst0 = dbias + e0 * st0 + e1 * st1 + j0 * st3;
+        for (int64_t e2 = (int64_t)blockIdx.y * blockDim.y + threadIdx.y; e2 < d2;
+             e2 += (int64_t)gridDim.y * blockDim.y) {
+            const int64_t lim = acc_row_limit(e2, Sk, causal_rows, shift);
+            float f[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+            if (j0 < lim) {
+                const float *src = src0 + e2 * Skp;
+                for (int64_t rb = 0; rb < nb_sum; rb++)
+                    for (int64_t rh = 0; rh < nh_sum; rh++) {
+                        const float4 *x = reinterpret_cast<const float4 *>(src + rb * bstep + rh * hstep);
+                        const float4 u = x[0], w = j0 + 4 < lim ? x[1] : make_float4(0.f, 0.f, 0.f, 0.f);
+                        f[0] += u.x; f[1] += u.y; f[2] += u.z; f[3] += u.w;
+                        f[4] += w.x; f[5] += w.y; f[6] += w.z; f[7] += w.w;
+                    }
+#pragma unroll
+                for (int k = 0; k < 8; k++)
+                    if (j0 + k >= lim) f[k] = 0.f;
+            }
+            T *dst = dst0 + e2 * st2;
+            if (vec && j0 + 8 <= Sk) {
+                store8(dst, f);
+            } else {
+#pragma unroll
+                for (int k = 0; k < 8; k++)
+                    if (j0 + k < Sk) dst[k * st3] = from_f<T>(f[k]);
+            }
+        }
+    }
+}
+
+/* Block and grid of the row kernels above for rows of Sk keys, d2 rows per group, groups: 256 threads, as many along
+ * the keys as 8 keys each need (32 .. 256), the rest along the rows; about 4096 blocks, the y and z strides cover
+ * the rest. */
+static void rows_launch_dims(int64_t Sk, int64_t d2, int64_t groups, dim3 *grid, dim3 *block) {
+    unsigned tx = 32;
+    while (tx < 256 && (int64_t)tx * 8 < Sk) tx *= 2;
+    const unsigned ty = 256 / tx;
+    const int64_t gx = (Sk + 8 * tx - 1) / (8 * tx), gz = groups < 65535 ? groups : 65535;
+    int64_t gy = (d2 + ty - 1) / ty, cap = 4096 / (gx * gz);
+    if (cap < 1) cap = 1;
+    if (cap > 65535) cap = 65535;
+    if (gy > cap) gy = cap;
+    *block = dim3(tx, ty);
+    *grid = dim3((unsigned)gx, (unsigned)gy, (unsigned)gz);
 }
 
 static unsigned blocks_for(int64_t n, int threads) { return (unsigned)((n + threads - 1) / threads); }
+
+/* 16-byte aligned pointer and batch/seq/head (or the first three dims') strides that are multiples of 8 elements. */
+static int aligned16(const void *ptr, const int64_t *st) {
+    return ((uintptr_t)ptr % 16 == 0) && st[0] % 8 == 0 && st[1] % 8 == 0 && st[2] % 8 == 0;
+}
+
+/* The dbias accumulator's rows are the query rows of a causal call (dbacc_zero, dbias_finalize). */
+static int acc_causal_rows(const fdma_params *p, const Config &c) { return p->causal && c.A2 > 1; }
 
 template <typename T>
 static cudaError_t run_small_pre(const fdma_params *p, float *Di, cudaStream_t st) {
@@ -271,20 +368,18 @@ static cudaError_t run_small_post(const fdma_params *p, const Config &c, const A
         if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }
     if (c.dbias_mode == DBIAS_ACC || c.dbias_mode == DBIAS_ACC_ROWS) {
-        const int64_t *d = p->bias.dim;
-        const int64_t n = d[0] * d[1] * d[2] * p->Sk;
+        const int64_t *d = p->bias.dim; /* d[2] == c.A2 */
         int64_t st_[4];
         for (int k = 0; k < 4; k++) st_[k] = d[k] == 1 ? 0 : p->dbias_stride[k];
-        dbias_finalize<T><<<blocks_for(n, 256), 256, 0, st>>>(a.dbacc, (T *)p->dbias, st_[0], st_[1], st_[2], st_[3],
-                                                              d[0], d[1], d[2], p->Sk, c.AH, c.A2, c.AB / d[0],
-                                                              c.AH / d[1]);
+        const int vec = st_[3] == 1 && aligned16(p->dbias, st_);
+        dim3 grid, block;
+        rows_launch_dims(p->Sk, d[2], d[0] * d[1], &grid, &block);
+        dbias_finalize<T><<<grid, block, 0, st>>>(a.dbacc, (T *)p->dbias, st_[0], st_[1], st_[2], st_[3], vec,
+                                                  d[0] * d[1], d[1], d[2], p->Sk, c.Skp, c.AH, c.AB / d[0],
+                                                  c.AH / d[1], acc_causal_rows(p, c), p->Sk - p->Sq);
         if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }
     return cudaSuccess;
-}
-
-static int aligned16(const void *ptr, const int64_t *st) {
-    return ((uintptr_t)ptr % 16 == 0) && st[0] % 8 == 0 && st[1] % 8 == 0 && st[2] % 8 == 0;
 }
 
 } /* namespace fdma_bwdk */
@@ -345,7 +440,8 @@ extern "C" fdma_status fdma_cuda_bwd_plan(const fdma_params *p, fdma_plan *plan)
              p->deterministic ? "_det"
              : c.gather_rows  ? "_gather"
              : !c.dense       ? ""
-             : c.key_bias     ? "_dense_kbias"
+             : c.key_bias     ? (c.smask ? "_dense_kbias_smask" : "_dense_kbias")
+             : c.smask        ? "_dense_smask"
                               : "_dense",
              c.per_head ? "_gqasplit" : "");
     plan->workspace_bytes = w.bytes + c.total;
@@ -458,9 +554,9 @@ static fdma_status bwd_run_attention(const fdma_params *p, const fdma_plan *plan
         for (int x = 0; x < 4; x++) a.dbs[x] = p->bias.dim[x] == 1 ? 0 : p->dbias_stride[x];
     } else if (c.dbias_mode != DBIAS_NONE) {
         a.dbacc = (float *)(ws + c.off_db);
-        a.acs[2] = c.A2 == 1 ? 0 : p->Sk;
-        a.acs[1] = c.AH == 1 ? 0 : c.A2 * p->Sk;
-        a.acs[0] = c.AB == 1 ? 0 : c.AH * c.A2 * p->Sk;
+        a.acs[2] = c.A2 == 1 ? 0 : c.Skp;
+        a.acs[1] = c.AH == 1 ? 0 : c.A2 * c.Skp;
+        a.acs[0] = c.AB == 1 ? 0 : c.AH * c.A2 * c.Skp;
         a.achdiv = (c.AH == p->H || c.AH == 1) ? 1 : a.g;
     }
     a.lse = p->lse;
@@ -484,8 +580,13 @@ static fdma_status bwd_run_attention(const fdma_params *p, const fdma_plan *plan
         fdma_status gs = fdma_cuda_gather_launch(kp, p, (int32_t *)(ws + c.off_gl), st);
         if (gs != FDMA_STATUS_OK) return gs;
     }
-    if (err == cudaSuccess && a.dbacc)
-        err = cudaMemsetAsync(a.dbacc, 0, (size_t)(c.AB * c.AH * c.A2 * p->Sk) * 4, st);
+    if (err == cudaSuccess && a.dbacc) {
+        dim3 grid, block;
+        rows_launch_dims(p->Sk, c.A2, c.AB * c.AH, &grid, &block);
+        dbacc_zero<<<grid, block, 0, st>>>(a.dbacc, c.AB * c.AH, c.A2, p->Sk, c.Skp, acc_causal_rows(p, c),
+                                           p->Sk - p->Sq);
+        err = cudaGetLastError();
+    }
     if (err == cudaSuccess) {
         const dim3 grid((unsigned)((p->Sk + c.kBN - 1) / c.kBN),
                         (unsigned)(c.per_head ? p->H : p->Hkv / c.hkv_per_cta), (unsigned)(p->B / c.b_per_cta));

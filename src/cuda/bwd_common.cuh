@@ -24,7 +24,8 @@
  *     does dQ and dbias), recomputing S^T each time (kDp = 128: 6 matrix products instead of 5).
  *   The common calls (dense_eligible: no dropout, softcap or window, default mode, kDp <= 128, no bias, a per-key
  *   bias or a full bias with 16-byte rows) run bwd_dense.cuh's one-pass kernel instead, with the same CTA ownership
- *   and the shared pieces below (DkdvTiles, load_q_tile, for_each_unit, begin_unit, dq_atomic, dbias_tile, write_kv).
+ *   (except ACC dbias: a CTA per query head there, see below) and the shared pieces below (DkdvTiles, load_q_tile,
+ *   for_each_unit, begin_unit, dq_atomic, dbias_zero, write_kv).
  *   dq kernel (deterministic=1 only), one CTA per (64 query rows, query head, batch), 4 warps of 16 rows:
  *     recomputes S, P, dP, dS over the visible key blocks and owns dq rows: no atomics.
  *   Small kernels in bwd.cu: Di = rowsum(dout * out), dq/dk/dv conversion and GQA reduction of per-head
@@ -32,10 +33,16 @@
  *   masks) is bwd_sparse.cuh's; the per-head-dim launch template is bwd_launch.cuh's.
  *
  * dbias: a bias without broadcast dims gets dS written in place (mode DIRECT). Every broadcast form is
- * accumulated in fp32 in the workspace (mode ACC: one fp32 element per bias element, or per (batch, query
- * head, key) partial for row-broadcast biases), each element owned by exactly one thread of one CTA (the
- * host makes a CTA loop over the batches or kv heads that share an element), so the result is the same
- * bit for bit on every run.
+ * accumulated in fp32 in the workspace (mode ACC: one fp32 element per bias element, or ACC_ROWS: one per
+ * (batch, query head, key) partial for row-broadcast biases; rows of a multiple of 4 floats), then summed and
+ * rounded by bwd.cu's dbias_finalize. Who adds to an ACC element:
+ *   - the kernels of this file (deterministic mode, and the default-mode calls that bwd_dense.cuh does not take):
+ *     exactly one thread of one CTA per element (the host makes a CTA loop over the batches or kv heads that
+ *     share it), so the result is the same bit for bit on every run;
+ *   - bwd_dense.cuh's kernel (default mode only): ACC from a CTA per query head, by fp32 atomic reductions
+ *     (vector red.add on sm90) from the CTAs that share an element, so its last bits may vary from run to run, as
+ *     dq's do; its ACC_ROWS partials (per query head) have one owner lane. bwd_sparse.cuh's kernel (default mode)
+ *     adds its ACC_ROWS column sums by atomics.
  */
 #ifndef FDMA_CUDA_BWD_COMMON_CUH
 #define FDMA_CUDA_BWD_COMMON_CUH
@@ -79,7 +86,7 @@ struct Args {
     int dbias_mode;      /* DBIAS_* */
     void *dbias;         /* DIRECT: dbias[b*dbs[0] + h*dbs[1] + i*dbs[2] + j*dbs[3]] */
     int64_t dbs[4];
-    float *dbacc;        /* ACC: dbacc[b*acs[0] + (h/achdiv)*acs[1] + i*acs[2] + j] */
+    float *dbacc;        /* ACC: dbacc[b*acs[0] + (h/achdiv)*acs[1] + i*acs[2] + j], rows of Sk rounded up to 4 */
     int64_t acs[3];
     int achdiv;
     const float *lse;    /* (B, H, Sq) */
@@ -883,6 +890,14 @@ inline int dense_bias_form(const void *bias, const int64_t (&s)[4], int dbias_mo
                    : DENSE_BIAS_OTHER;
     const bool rows16 = (uintptr_t)bias % 16 == 0 && s[3] == 1 && s[2] % 8 == 0 && s[1] % 8 == 0 && s[0] % 8 == 0;
     return rows16 ? DENSE_BIAS_ROWS16 : DENSE_BIAS_OTHER;
+}
+
+/* A mask that bwd_dense.cuh stages in shared memory by 16-byte copies (its STAGED MASK instantiations): Sq rows (not
+ * row-broadcast) of contiguous keys, 16-byte aligned pointer and strides (the rows16 rule above, for bytes). s: the
+ * mask strides with 0 for the broadcast dims (Args::ms). Other masks are read per element. */
+inline bool dense_mask_staged(const uint8_t *mask, const int64_t (&s)[4]) {
+    return mask && s[2] != 0 && s[3] == 1 && (uintptr_t)mask % 16 == 0 && s[2] % 16 == 0 && s[1] % 16 == 0 &&
+           s[0] % 16 == 0;
 }
 
 /* The calls that bwd_dense.cuh's kernel runs (launch_dp; "_dense" in the plan name): head dim padded to 64 or 128,

@@ -15,7 +15,8 @@
  *        src/cuda/bwd*.cu tests/cuda/test_bwd.cu -o test_bwd
  *   ./test_bwd            all cases          ./test_bwd --small   a few small cases (for compute-sanitizer)
  *   ./test_bwd --bench    timing (B=1, H=16, Hkv=4, D=128, causal, Sk = 4K and 16K; no bias, per-key bias, full
- *                         bias (B, H, Sq, Sk), each with dbias; the plan name says which kernel ran)
+ *                         bias (B, H, Sq, Sk), each with dbias; W2: bias and keep mask (B, Hkv, Sq, Sk), ~25%
+ *                         random True, with dbias (ACC) and without; the plan name says which kernel ran)
  */
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -230,6 +231,9 @@ struct Case {
     float softcap, p_drop;
     int det, masked_rows, qpad; /* masked_rows: 1 = every 7th row fully masked, 2 = every other 64-row block */
     int nodb;                   /* bias without dbias (dbias NULL: the kernels' DBIAS_NONE mode) */
+    int rpad;                   /* mask, bias and dbias rows at a pitch of Sk rounded up to 16 (views of wider rows;
+                                   the dbias padding must stay poisoned) */
+    int mval;                   /* True mask bytes are random in 1..255 (nonzero = attend), not 1 */
 };
 
 static int64_t dim_of(int code, int which, const Case &c) {
@@ -289,30 +293,32 @@ static int run_case(const Case &c, int *n_fail) {
     std::vector<uint8_t> hm;
     std::vector<uint16_t> hb;
     const int has_mask = c.mdim[0] != 0, has_bias = c.bdim[0] != 0, has_db = has_bias && !c.nodb;
+    const int64_t pitch = c.rpad ? (Sk + 15) / 16 * 16 : Sk; /* row pitch of mask, bias and dbias */
     if (has_mask) {
         for (int x = 0; x < 4; x++) md[x] = dim_of(c.mdim[x], x, c);
-        hm.resize(md[0] * md[1] * md[2] * md[3]);
-        for (auto &x : hm) x = urand() < 0.7;
+        hm.resize(md[0] * md[1] * md[2] * pitch);
+        for (auto &x : hm) x = urand() < 0.7 ? (c.mval ? (uint8_t)(1 + urand() * 254.999) : 1) : 0;
         if (c.masked_rows && md[2] > 1) /* every 7th row, or every other block of 64 rows, fully masked */
             for (int64_t a0 = 0; a0 < md[0] * md[1]; a0++)
                 for (int64_t i = 0; i < md[2]; i++)
                     if (c.masked_rows == 1 ? i % 7 == 0 : (i / 64) % 2 == 1)
-                        for (int64_t j = 0; j < md[3]; j++) hm[(a0 * md[2] + i) * md[3] + j] = 0;
+                        for (int64_t j = 0; j < md[3]; j++) hm[(a0 * md[2] + i) * pitch + j] = 0;
         mst[3] = 1;
-        mst[2] = md[3];
-        mst[1] = md[2] * md[3];
-        mst[0] = md[1] * md[2] * md[3];
+        mst[2] = pitch;
+        mst[1] = md[2] * pitch;
+        mst[0] = md[1] * md[2] * pitch;
     }
     if (has_bias) {
         for (int x = 0; x < 4; x++) bd[x] = dim_of(c.bdim[x], x, c);
-        hb.resize(bd[0] * bd[1] * bd[2] * bd[3]);
+        hb.resize(bd[0] * bd[1] * bd[2] * pitch);
         for (auto &x : hb) x = f2h((float)nrand(), bf16);
         bst[3] = 1;
-        bst[2] = bd[3];
-        bst[1] = bd[2] * bd[3];
-        bst[0] = bd[1] * bd[2] * bd[3];
+        bst[2] = pitch;
+        bst[1] = bd[2] * pitch;
+        bst[0] = bd[1] * bd[2] * pitch;
     }
-    const int64_t nb = has_bias ? (int64_t)hb.size() : 0;
+    const int64_t nb = has_bias ? (int64_t)hb.size() : 0;  /* bias and dbias buffers, padding included */
+    const int64_t nbr = has_bias ? bd[0] * bd[1] * bd[2] * Sk : 0; /* the reference dbias, contiguous */
 
     uint16_t *q = dalloc<uint16_t>(nqp), *qc = dalloc<uint16_t>(nq), *k = dalloc<uint16_t>(nk),
              *v = dalloc<uint16_t>(nk), *dout = dalloc<uint16_t>(nq), *out = dalloc<uint16_t>(nq);
@@ -348,7 +354,7 @@ static int run_case(const Case &c, int *n_fail) {
     const int64_t nP = (int64_t)B * H * Sq * Sk, rows = (int64_t)B * H * Sq;
     double *P = dalloc<double>(nP), *DS = dalloc<double>(nP), *DSC = dalloc<double>(nP), *PD = dalloc<double>(nP);
     double *rout = dalloc<double>(nq), *rlse = dalloc<double>(rows), *rdq = dalloc<double>(nq),
-           *rdk = dalloc<double>(nk), *rdv = dalloc<double>(nk), *rdb = dalloc<double>(std::max<int64_t>(nb, 1));
+           *rdk = dalloc<double>(nk), *rdv = dalloc<double>(nk), *rdb = dalloc<double>(std::max<int64_t>(nbr, 1));
     ref_fwd<<<(unsigned)((rows + 127) / 128), 128>>>(r, P, rout, rlse);
     CK(cudaGetLastError());
     std::vector<double> hout(nq), hlse(rows);
@@ -365,7 +371,7 @@ static int run_case(const Case &c, int *n_fail) {
     ref_bwd_kv<<<(unsigned)((nk + 127) / 128), 128>>>(r, DSC, PD, rdk, rdv);
     CK(cudaGetLastError());
     if (has_bias) {
-        ref_dbias<<<(unsigned)((nb + 127) / 128), 128>>>(r, DS, bd[0], bd[1], bd[2], rdb);
+        ref_dbias<<<(unsigned)((nbr + 127) / 128), 128>>>(r, DS, bd[0], bd[1], bd[2], rdb);
         CK(cudaGetLastError());
     }
     CK(cudaDeviceSynchronize());
@@ -443,27 +449,33 @@ static int run_case(const Case &c, int *n_fail) {
             bitwise = 0;
         }
     }
-    std::vector<double> e_dq(nq), e_dk(nk), e_dv(nk), e_db(nb);
+    std::vector<double> e_dq(nq), e_dk(nk), e_dv(nk), e_db(nbr);
     CK(cudaMemcpy(e_dq.data(), rdq, nq * 8, cudaMemcpyDeviceToHost));
     CK(cudaMemcpy(e_dk.data(), rdk, nk * 8, cudaMemcpyDeviceToHost));
     CK(cudaMemcpy(e_dv.data(), rdv, nk * 8, cudaMemcpyDeviceToHost));
-    if (has_bias) CK(cudaMemcpy(e_db.data(), rdb, nb * 8, cudaMemcpyDeviceToHost));
+    if (has_bias) CK(cudaMemcpy(e_db.data(), rdb, nbr * 8, cudaMemcpyDeviceToHost));
     Err E[4];
     E[0] = compare(f_dq, e_dq, bf16, nq, 0, D, Dq);
     E[1] = compare(f_dk, e_dk, bf16, nk, 0, D, D);
     E[2] = compare(f_dv, e_dv, bf16, nk, 0, D, D);
-    E[3] = has_db ? compare(f_db, e_db, bf16, nb, 0, (int)bd[3], bd[3]) : Err{0, 0, 0};
+    E[3] = has_db ? compare(f_db, e_db, bf16, nbr, 0, (int)Sk, pitch) : Err{0, 0, 0};
+    long pad_written = 0; /* dbias row padding (rpad) is no part of the view: it must keep its poison */
+    if (has_db)
+        for (int64_t rr = 0; rr < nbr / Sk; rr++)
+            for (int64_t j = Sk; j < pitch; j++) pad_written += f_db[rr * pitch + j] != 0xffff;
     const double tol = bf16 ? 2e-2 : 1e-2;
-    int ok = bitwise;
+    int ok = bitwise && !pad_written;
     double rel[4];
     for (int x = 0; x < 4; x++) {
         rel[x] = E[x].maxerr / std::max(E[x].maxref, 1e-30);
         if (E[x].maxref == 0) rel[x] = E[x].maxerr;
         if (E[x].nan || rel[x] > tol) ok = 0;
     }
-    printf("%s %-30s %-40s dq %.2e dk %.2e dv %.2e dbias %.2e  nan %ld/%ld/%ld/%ld%s\n", ok ? "ok  " : "FAIL", c.name,
+    printf("%s %-30s %-40s dq %.2e dk %.2e dv %.2e dbias %.2e  nan %ld/%ld/%ld/%ld%s", ok ? "ok  " : "FAIL", c.name,
            plan.name, rel[0], rel[1], rel[2], has_db ? rel[3] : 0.0, E[0].nan, E[1].nan, E[2].nan, E[3].nan,
            c.det ? (bitwise ? "  bitwise x5" : "  NOT BITWISE") : "");
+    if (pad_written) printf("  dbias padding written: %ld", pad_written);
+    printf("\n");
     if (!ok) (*n_fail)++;
     cudaFree(q); cudaFree(qc); cudaFree(k); cudaFree(v); cudaFree(dout); cudaFree(out); cudaFree(dq); cudaFree(dk);
     cudaFree(dv); cudaFree(mask); cudaFree(bias); cudaFree(dbias); cudaFree(lse); cudaFree(P); cudaFree(DS);
@@ -492,20 +504,32 @@ __global__ void fill_const(float *p, int64_t n, float v) {
     const int64_t x = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (x < n) p[x] = v;
 }
+/* keep mask: each byte 1 with probability keep, else 0 */
+__global__ void fill_mask(uint8_t *p, int64_t n, uint64_t seed, float keep) {
+    const int64_t x = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (x >= n) return;
+    uint32_t w[4];
+    fdma_dropout_words(seed, 0, (uint64_t)x, 0, w);
+    p[x] = w[0] * 2.3283064e-10f < keep;
+}
 
-/* with_bias: 0 none, 1 per-key (B, Hkv, 1, Sk) + dbias (ACC_ROWS), 2 full (B, H, Sq, Sk) + dbias (DIRECT) */
+/* with_bias: 0 none, 1 per-key (B, Hkv, 1, Sk) + dbias (ACC_ROWS), 2 full (B, H, Sq, Sk) + dbias (DIRECT), 3 W2:
+ * bias (B, Hkv, Sq, Sk) + dbias (ACC) with a keep mask (B, Hkv, Sq, Sk) of ~25% random True, 4 W2 without dbias */
 static void bench(int Sk, int with_bias, int det) {
     const int B = 1, H = 16, Hkv = 4, D = 128, Sq = Sk, bf16 = 1;
+    const int w2 = with_bias >= 3;
     const int64_t nq = (int64_t)B * Sq * H * D, nk = (int64_t)B * Sk * Hkv * D;
-    const int64_t nb = with_bias == 2 ? (int64_t)B * H * Sq * Sk : (int64_t)B * Hkv * Sk;
+    const int64_t nb = (int64_t)B * (with_bias == 2 ? H : Hkv) * (with_bias >= 2 ? Sq : 1) * Sk;
     uint16_t *q = dalloc<uint16_t>(nq), *k = dalloc<uint16_t>(nk), *v = dalloc<uint16_t>(nk),
              *out = dalloc<uint16_t>(nq), *dout = dalloc<uint16_t>(nq), *dq = dalloc<uint16_t>(nq),
              *dk = dalloc<uint16_t>(nk), *dv = dalloc<uint16_t>(nk), *bias = dalloc<uint16_t>(nb),
-             *dbias = dalloc<uint16_t>(nb);
+             *dbias = dalloc<uint16_t>(with_bias == 4 ? 0 : nb);
+    uint8_t *mask = w2 ? dalloc<uint8_t>(nb) : nullptr;
     float *lse = dalloc<float>((size_t)B * H * Sq);
     uint16_t *bufs[] = {q, k, v, out, dout, bias};
     int64_t ns[] = {nq, nk, nk, nq, nq, nb};
     for (int x = 0; x < 6; x++) fill_normal<<<(unsigned)((ns[x] + 255) / 256), 256>>>(bufs[x], ns[x], 100 + x, bf16, 1.f);
+    if (w2) fill_mask<<<(unsigned)((nb + 255) / 256), 256>>>(mask, nb, 200, 0.25f);
     fill_const<<<(unsigned)((B * H * Sq + 255) / 256), 256>>>(lse, (int64_t)B * H * Sq, 12.f);
     CK(cudaGetLastError());
     fdma_params p;
@@ -530,11 +554,15 @@ static void bench(int Sk, int with_bias, int det) {
     p.deterministic = det;
     if (with_bias) {
         p.bias.ptr = bias;
-        const int64_t bh = with_bias == 2 ? H : Hkv, b2 = with_bias == 2 ? Sq : 1;
+        const int64_t bh = with_bias == 2 ? H : Hkv, b2 = with_bias == 1 ? 1 : Sq;
         p.bias.dim[0] = B; p.bias.dim[1] = bh; p.bias.dim[2] = b2; p.bias.dim[3] = Sk;
         strides(p.bias.stride, bh, b2, Sk);
-        p.dbias = dbias;
+        p.dbias = with_bias == 4 ? nullptr : dbias;
         for (int x = 0; x < 4; x++) p.dbias_stride[x] = p.bias.stride[x];
+    }
+    if (w2) {
+        p.mask.ptr = mask;
+        for (int x = 0; x < 4; x++) { p.mask.dim[x] = p.bias.dim[x]; p.mask.stride[x] = p.bias.stride[x]; }
     }
     fdma_plan plan;
     if (fdma_cuda_bwd_plan(&p, &plan) != FDMA_STATUS_OK) {
@@ -563,18 +591,19 @@ static void bench(int Sk, int with_bias, int det) {
     std::sort(ms.begin(), ms.end());
     const double med = ms[ms.size() / 2];
     const double flops = 2.5 * 4.0 * B * H * (double)Sq * Sk * D / 2.0;
-    printf("bench bwd B=1 H=16 Hkv=4 D=128 causal Sq=Sk=%-6d %-22s %-34s median %8.3f ms (min %.3f)  %6.1f TFLOP/s\n",
-           Sk, with_bias == 2 ? "bias(B,H,Sq,Sk)+dbias" : with_bias ? "bias(B,Hkv,1,Sk)+dbias" : "no bias", plan.name,
-           med, ms[0], flops / med * 1e-9);
+    const char *label[] = {"no bias", "bias(B,Hkv,1,Sk)+dbias", "bias(B,H,Sq,Sk)+dbias", "W2 mask+bias+dbias",
+                           "W2 mask+bias, no dbias"};
+    printf("bench bwd B=1 H=16 Hkv=4 D=128 causal Sq=Sk=%-6d %-22s %-40s median %8.3f ms (min %.3f)  %6.1f TFLOP/s\n",
+           Sk, label[with_bias], plan.name, med, ms[0], flops / med * 1e-9);
     cudaFree(q); cudaFree(k); cudaFree(v); cudaFree(out); cudaFree(dout); cudaFree(dq); cudaFree(dk); cudaFree(dv);
-    cudaFree(bias); cudaFree(dbias); cudaFree(lse); cudaFree(ws);
+    cudaFree(bias); cudaFree(dbias); cudaFree(mask); cudaFree(lse); cudaFree(ws);
 }
 
 int main(int argc, char **argv) {
     const int small = argc > 1 && !strcmp(argv[1], "--small");
     if (argc > 1 && !strcmp(argv[1], "--bench")) {
         for (int Sk : {4096, 16384})
-            for (int wb = 0; wb < 3; wb++) bench(Sk, wb, 0);
+            for (int wb = 0; wb < 5; wb++) bench(Sk, wb, 0);
         bench(16384, 0, 1);
         return 0;
     }
@@ -637,8 +666,30 @@ int main(int argc, char **argv) {
         {"bias B,Hkv,Sq,Sk d64 ACC causal",  1, 1, 8, 2,   77,  200,  64, 1, {0,0,0,0}, {2,3,2,2}, 0, 0, 0, 0, 0},
         {"bias B,H,Sq,Sk d96 without db",    0, 1, 4, 4,  200,  320,  96, 1, {0,0,0,0}, {2,2,2,2}, 0, 0, 0, 0, 0, 1},
         {"mask 1,H,Sq,Sk bias 1,H,Sq,Sk d64",1, 2, 4, 2,  130,  136,  64, 0, {1,2,2,2}, {1,2,2,2}, 0, 0, 0, 1, 0},
+        /* STAGED MASK (mask rows of 16-byte aligned contiguous bytes: Sk a multiple of 16, or a row pitch of one):
+           folded into the staged bias tile, or a 0 / -inf tile without bias; ACC dbias by atomic reductions from a
+           CTA per query head (GQA 4:1, batch / head broadcasts, d64 and d128), DIRECT, no dbias; fully masked rows,
+           all-False tiles, empty causal rows (Sq > Sk), a partial last mask chunk (Sk = 301 in rows of 304: rpad),
+           mask bytes other than 1 (mval) */
+        {"smask+bias B,Hkv,Sq,Sk ACC gqa4",  1, 1, 8, 2,  320,  320, 128, 1, {2,3,2,2}, {2,3,2,2}, 0, 0, 0, 1, 0},
+        {"smask+bias B,Hkv,Sq,Sk no db d96", 1, 1, 8, 2,  200,  336,  96, 1, {2,3,2,2}, {2,3,2,2}, 0, 0, 0, 2, 0, 1},
+        {"smask+bias B,H,Sq,Sk DIRECT f16",  0, 2, 4, 2,  200,  336,  96, 0, {2,2,2,2}, {2,2,2,2}, 0, 0, 0, 2, 0},
+        {"smask B,Hkv,Sq,Sk causal Sq>Sk",   1, 1, 8, 2,  336,  208, 128, 1, {2,3,2,2}, {0,0,0,0}, 0, 0, 0, 1, 0},
+        {"smask 1,H,Sq,Sk f16 d64 blocks",   0, 2, 4, 2,  320,  320,  64, 1, {1,2,2,2}, {0,0,0,0}, 0, 0, 0, 2, 0},
+        {"smask kbias B,Hkv,1,Sk ACC_ROWS",  1, 2, 8, 2,  320,  320, 128, 1, {2,3,2,2}, {2,3,1,2}, 0, 0, 0, 1, 0},
+        {"smask+bias 1,1,Sq,Sk ACC d64",     1, 2, 4, 2,  200,  336,  64, 0, {1,1,2,2}, {1,1,2,2}, 0, 0, 0, 0, 0},
+        {"smask+bias Sk=301/304 ACC mval",   1, 1, 4, 2,  150,  301, 128, 1, {2,3,2,2}, {2,3,2,2}, 0, 0, 0, 1, 0,
+         0, 1, 1},
+        {"smask+bias Sk=301/304 DIRECT d64", 0, 1, 4, 4,   77,  301,  64, 0, {2,2,2,2}, {2,2,2,2}, 0, 0, 0, 2, 0,
+         0, 1, 1},
+        /* masks the dense kernel reads per element (rows not 16-byte: Sk = 300, 328; row-broadcast), with ACC dbias
+           by atomics; the deterministic general kernel over a stageable mask + ACC bias (owner loop, bitwise) */
+        {"mask Sk=300 per element gqa4",     1, 1, 8, 2,  320,  300, 128, 1, {2,3,2,2}, {0,0,0,0}, 0, 0, 0, 1, 0},
+        {"mask Sk=328 bias ACC f16",         0, 1, 8, 2,  200,  328, 128, 1, {2,3,2,2}, {2,3,2,2}, 0, 0, 0, 2, 0},
+        {"mask B,Hkv,1,Sk bias Sq rows ACC", 1, 1, 8, 2,  200,  320, 128, 1, {2,3,1,2}, {2,3,2,2}, 0, 0, 0, 0, 0},
+        {"det mask+bias B,Hkv,Sq,Sk d128",   1, 1, 8, 2,  200,  320, 128, 1, {2,3,2,2}, {2,3,2,2}, 0, 0, 1, 1, 0},
     };
-    const int idx_small[] = {0, 3, 4, 12, 17, 22, 25, 38, 40, 46};
+    const int idx_small[] = {0, 3, 4, 12, 17, 22, 25, 38, 40, 46, 51, 58};
     int n_fail = 0, n = 0;
     if (small) {
         for (int x : idx_small) { run_case(all[x], &n_fail); n++; }
