@@ -222,7 +222,9 @@ __global__ void __launch_bounds__(32 * NW, 1) fdma_fwd_kernel(const FdmaFwdParam
        each thread folds the mask chunks it copied into the bias chunks it copied (load_aux_top: bias = -inf where
        False; a mask without bias makes a 0 / -inf tile), so the barrier publishes the folded tile, while only O
        is live. The score loop then adds the bias tile alone. */
-    const bool own_b = AUX_TOP || !p.b_rows_bcast, own_m = AUX_TOP || !p.m_rows_bcast; /* warp-own rows */
+    /* rows a warp reads from the bias / mask tile: its own (every row present; AUX_TOP: the tile's RH rows, from wr)
+       or row 0 of a broadcast row copied once */
+    const bool own_b = AUX_TOP || !p.b_rows_bcast, own_m = AUX_TOP || !p.m_rows_bcast;
     auto mask_buf = [&](int kb) { return C::MASK_BUFS == 1 ? sMask : sMask + kb * C::MASK_BYTES; }; /* of K buffer kb */
 
     /* ---- loaders ---- */
