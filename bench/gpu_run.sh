@@ -3,7 +3,7 @@
 #
 #   build    (always) the library with CMake (FDMA_CUDA_ARCHS=90, -j16, tests off) and, side by side, the three
 #            standalone harnesses: every src/cuda/*.cu and tests/cuda/test_*.cu compiled by its own nvcc
-#            (xargs -P16; -O3 --use_fast_math, sm_90), src/cuda objects put in one archive, each harness linked
+#            (xargs -P16; -O3 --use_fast_math, sm_90; bwd_wgmma.cu sm_90a), src/cuda objects put in one archive, each harness linked
 #            against it (the linker takes only the members it needs: test_fwd = fwd*.cu + api_cuda.cu,
 #            test_bwd = bwd*.cu, test_topk = topk*.cu)
 #   test     test_fwd, test_bwd, test_topk (--no-timing when cbench runs: its timing runs there, on an idle GPU)
@@ -69,10 +69,10 @@ cat "$RUNLOG"
 t=$(date +%s)
 export TB ARCH DEFS
 compile_one() {  # $1 = a .cu file; object named after its path: src_cuda_fwd_d128.o, tests_cuda_test_fwd.o
-    local f=$1 o extra=""
+    local f=$1 o extra="" arch=$ARCH
     o=$TB/obj/$(echo "${f%.cu}" | tr '/' '_').o
-    case $f in *test_topk.cu) extra="-Xcompiler -fopenmp";; esac
-    if nvcc -c -O3 --use_fast_math -std=c++17 $ARCH $DEFS $extra -Iinclude -Isrc -Xptxas -warn-spills "$f" -o "$o" \
+    case $f in *test_topk.cu) extra="-Xcompiler -fopenmp";; *bwd_wgmma.cu) arch="-gencode arch=compute_90a,code=sm_90a";; esac
+    if nvcc -c -O3 --use_fast_math -std=c++17 $arch $DEFS -DFDMA_HAVE_WGMMA=1 $extra -Iinclude -Isrc -Xptxas -warn-spills "$f" -o "$o" \
         > "$o.log" 2>&1; then echo "ok   $f"; else echo "FAIL $f"; fi
     cat "$o.log"
 }

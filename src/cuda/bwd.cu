@@ -8,7 +8,8 @@
  *                       causal call's query rows only up to their last visible key)
  *   0. top-k window     the selection (window.cuh): the keep mask, or the SPARSE expiry and key lists
  *   3. dkdv kernel      dk, dv (or per-query-head fp32 partials), dbias, dq atomics (bwd_common.cuh; the calls
- *                       without dropout, softcap or window in the default mode: bwd_dense.cuh's one-pass kernel)
+ *                       without dropout, softcap or window in the default mode: bwd_dense.cuh's one-pass kernel;
+ *                       the plain ones at D <= 128 on a 9.0 device: bwd_wgmma.cu's wgmma kernel, plan "_wgmma")
  *      dq kernel        deterministic mode only: dq rows owned by one CTA each
  *      sparse kernel    instead of both, for a SPARSE window in the default mode (D <= 128): query tiles over their gathered
  *                       keys, dq in registers, dk/dv/dbias by fp32 atomics (O(Sq * w) work)
@@ -27,6 +28,7 @@
  */
 #include <cuda_runtime.h>
 #include <math.h>
+#include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -49,6 +51,7 @@ struct Config {
                          CTA per query head for ACC dbias too: atomics instead of owner loops) */
     int key_bias;     /* a bias whose rows broadcast (dim 2 == 1): the dense kernel's KEY-BIAS instantiations */
     int smask;        /* the dense kernel stages the mask in shared memory (dense_mask_staged) */
+    int wgmma;        /* a plain dense call (no mask, no bias) at Dp = 128 on a 9.0 device: bwd_wgmma.cu's kernel */
     int64_t Skp;      /* dbias accumulator row pitch: Sk rounded up to a multiple of 4 */
     size_t off_gl, off_di, off_dq, off_dk, off_dv, off_db, total;
 };
@@ -65,6 +68,24 @@ static int dims_equal_full(const fdma_params *p) {
 static int use_gather_rows(const fdma_params *p) {
     return p->mask.ptr && p->mask.dim[2] == 1 && (!p->bias.ptr || p->bias.dim[2] == 1) && !p->deterministic &&
            p->D <= 128;
+}
+
+/* Whether bwd_wgmma.cu's kernel can run here: the build has its sm_90a code (FDMA_HAVE_WGMMA), the current device is
+ * compute capability 9.0 exactly (sm_90a code runs nowhere else), and FDMA_BWD_WGMMA is not "0" in the environment
+ * (the switch that compares it with the mma.sync kernel in one process). */
+static int wgmma_available(void) {
+#ifdef FDMA_HAVE_WGMMA
+    const char *env = getenv("FDMA_BWD_WGMMA");
+    if (env && strcmp(env, "0") == 0) return 0;
+    int dev = 0, major = 0, minor = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess)
+        return 0;
+    return major == 9 && minor == 0;
+#else
+    return 0;
+#endif
 }
 
 /* sparse_window: the call has a SPARSE window selection (p is then the call's params after the selection:
@@ -107,6 +128,7 @@ static void make_config(const fdma_params *p, int sparse_window, Config *c) {
     c->dense = !sparse && dense_eligible(c->Dp, p->deterministic, p->p_drop > 0.f, p->softcap, sparse_window != 0,
                                         bias_form);
     c->smask = c->dense && dense_mask_staged((const uint8_t *)p->mask.ptr, ms);
+    c->wgmma = c->dense && c->Dp == 128 && !p->mask.ptr && !p->bias.ptr && wgmma_available();
     /* ACC in the dkdv kernel: each accumulator element has one owner thread, so one CTA loops over the batches and
        kv heads that share it (every query head of a kv head, or all heads, in one CTA). The dense kernel adds with
        atomics instead and keeps a CTA per query head. */
@@ -442,6 +464,7 @@ extern "C" fdma_status fdma_cuda_bwd_plan(const fdma_params *p, fdma_plan *plan)
              : !c.dense       ? ""
              : c.key_bias     ? (c.smask ? "_dense_kbias_smask" : "_dense_kbias")
              : c.smask        ? "_dense_smask"
+             : c.wgmma        ? "_dense_wgmma"
                               : "_dense",
              c.per_head ? "_gqasplit" : "");
     plan->workspace_bytes = w.bytes + c.total;
@@ -567,6 +590,7 @@ static fdma_status bwd_run_attention(const fdma_params *p, const fdma_plan *plan
     a.b_per_cta = c.b_per_cta;
     a.hkv_per_cta = c.hkv_per_cta;
     a.hph = c.per_head ? 1 : a.g;
+    a.wgmma = c.wgmma;
 
     cudaError_t err = bf16 ? run_small_pre<__nv_bfloat16>(p, (float *)(ws + c.off_di), st)
                            : run_small_pre<__half>(p, (float *)(ws + c.off_di), st);

@@ -605,6 +605,10 @@ int main(int argc, char **argv) {
         for (int Sk : {4096, 16384})
             for (int wb = 0; wb < 5; wb++) bench(Sk, wb, 0);
         bench(16384, 0, 1);
+        setenv("FDMA_BWD_WGMMA", "0", 1); /* the mma.sync dense kernel, for comparison */
+        bench(4096, 0, 0);
+        bench(16384, 0, 0);
+        unsetenv("FDMA_BWD_WGMMA");
         return 0;
     }
     /*                 name                  bf16 B  H Hkv  Sq    Sk    D  causal mask dims      bias dims   softcap pdrop det mrows qpad */
@@ -688,14 +692,31 @@ int main(int argc, char **argv) {
         {"mask Sk=328 bias ACC f16",         0, 1, 8, 2,  200,  328, 128, 1, {2,3,2,2}, {2,3,2,2}, 0, 0, 0, 2, 0},
         {"mask B,Hkv,1,Sk bias Sq rows ACC", 1, 1, 8, 2,  200,  320, 128, 1, {2,3,1,2}, {2,3,2,2}, 0, 0, 0, 0, 0},
         {"det mask+bias B,Hkv,Sq,Sk d128",   1, 1, 8, 2,  200,  320, 128, 1, {2,3,2,2}, {2,3,2,2}, 0, 0, 1, 1, 0},
+        /* plain calls at D in (64, 128]: bwd_wgmma.cu's kernel on a 9.0 device (plan "_dense_wgmma"); main runs them
+           again with FDMA_BWD_WGMMA=0 (bwd_dense.cuh's mma.sync kernel) */
+        {"plain d96 causal Sq<Sk gqa4",      1, 2, 8, 2,  200,  333,  96, 1, {0,0,0,0}, {0,0,0,0}, 0, 0, 0, 0, 0},
+        {"plain d128 causal Sq>Sk f16",      0, 1, 4, 4,  333,  130, 128, 1, {0,0,0,0}, {0,0,0,0}, 0, 0, 0, 0, 0},
+        {"plain d128 Sq=1",                  1, 2, 4, 2,    1,  777, 128, 1, {0,0,0,0}, {0,0,0,0}, 0, 0, 0, 0, 0},
+        {"plain d72 Sk=1 f16",               0, 1, 4, 1,   65,    1,  72, 0, {0,0,0,0}, {0,0,0,0}, 0, 0, 0, 0, 0},
+        {"plain d128 causal 2100 gqa2",      1, 1, 4, 2, 2100, 2100, 128, 1, {0,0,0,0}, {0,0,0,0}, 0, 0, 0, 0, 0},
+        {"plain d128 strided q/dq",          1, 2, 2, 2,  129,  191, 128, 0, {0,0,0,0}, {0,0,0,0}, 0, 0, 0, 0, 1},
     };
-    const int idx_small[] = {0, 3, 4, 12, 17, 22, 25, 38, 40, 46, 51, 58};
+    const int idx_small[] = {0, 1, 3, 4, 12, 17, 22, 25, 38, 40, 46, 51, 58, 65};
     int n_fail = 0, n = 0;
     if (small) {
         for (int x : idx_small) { run_case(all[x], &n_fail); n++; }
     } else {
         for (const Case &c : all) { run_case(c, &n_fail); n++; }
     }
+    /* the plain D in (64, 128] cases once more on the mma.sync kernel (the wgmma one is the default on 9.0) */
+    setenv("FDMA_BWD_WGMMA", "0", 1);
+    for (const Case &c : all)
+        if (!small && c.D > 64 && c.D <= 128 && !c.det && !c.mdim[0] && !c.bdim[0] && c.p_drop == 0.f &&
+            c.softcap == 0.f) {
+            run_case(c, &n_fail);
+            n++;
+        }
+    unsetenv("FDMA_BWD_WGMMA");
     printf("%d/%d cases passed\n", n - n_fail, n);
     return n_fail ? 1 : 0;
 }

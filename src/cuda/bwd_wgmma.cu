@@ -1,0 +1,218 @@
+/*
+ * bwd_wgmma.cu -- the dense backward on Hopper's warpgroup MMA (wgmma, sm_90a): the plain calls of bwd_dense.cuh's
+ * one-pass kernel (head dim padded to 128, no mask, no bias, default atomic-dq mode; causal or not, any Sq / Sk, GQA)
+ * when the device is compute capability 9.0 exactly. Built for sm_90a only (CMakeLists.txt: its own object library;
+ * bench/gpu_run.sh likewise), so this translation unit holds no code for any other device; bwd.cu's plan picks it
+ * (the "_wgmma" plan name) only where that code can run, and FDMA_BWD_WGMMA=0 in the environment turns it off.
+ *
+ * Shapes as in bwd_common.cuh: q, dout (B, Sq, H, D); k, v, dk, dv (B, Sk, Hkv, D); lse, Di (B, H, Sq) fp32; dqacc
+ * (B, Sq, H, D) fp32 (atomics; bwd.cu scales and converts it).
+ *
+ * Grid and ownership are the dense kernel's (one CTA per 128 keys x kv head or query head x batch; for_each_unit,
+ * write_kv, first_q_block shared with it). 256 threads = 2 warpgroups; warpgroup g owns keys 64 g .. 64 g + 63 of the
+ * CTA, warp w (0..7) keys 16 w .. 16 w + 15, so every per-warp piece of bwd_dense.cuh (dense_p, dense_ds, to_afrag,
+ * visible_bits, write_kv) applies unchanged to the wgmma accumulators. Per step of 64 query rows, per warpgroup:
+ *   S^T  (64 keys x 64 q)  = K_g Q^T              wgmma SS, K-major both, 8 k-steps over D
+ *   dP^T (64 x 64)         = V_g dO^T             wgmma SS, issued right after, overlapping the softmax of S^T
+ *   P^T = exp2(S^T scale log2e - lse log2e) (0 where not visible);  dS^T = P^T (dP^T - Di)
+ *   dV (64 keys x 128)    += P^T dO               wgmma RS (P^T from registers), dO N-major
+ *   dK (64 x 128)         += dS^T Q               wgmma RS, Q N-major
+ *   dS^T -> shared [key][q]; barrier; dQ[:, 64 g ..] (64 q x 64) = dS K[:, 64 g ..]: wgmma SS, both MN-major,
+ *   8 k-steps over the CTA's 128 keys; fp32 atomics (float2) into dqacc.
+ * Registers per thread: dV and dK 64 fp32 each, S^T / dP^T / dQ 32 each, the A operands 16 each.
+ *
+ * Shared memory (every tile 1024-byte aligned, 128-byte swizzle, see wgmma.cuh), 145 KB: K, V [2 column halves][128
+ * keys][64] (32 KB each); Q, dO [2 buffers][2 halves][64 rows][64] (32 KB each; cp.async double-buffered, the next
+ * tile's copy issued right after the barrier that publishes the current one); dS^T [128 keys][64 q] (16 KB); lse, Di
+ * [2][64] fp32. 2 barriers per step: the publishing one (it also frees the other buffer and dS^T), and the one that
+ * publishes dS^T for dQ.
+ */
+#include "bwd_dense.cuh"
+#include "wgmma.cuh"
+
+namespace fdma_bwdk {
+
+using namespace fdma_wg;
+
+constexpr int kWgBN = 128, kWgBM = 64, kWgDp = 128, kWgThreads = 256, kWgBufs = 2;
+constexpr uint32_t kWgKV = kWgBN * kWgDp * 2;   /* bytes of K (or V): 2 halves x 128 rows x 128 B */
+constexpr uint32_t kWgHalfKV = kWgBN * 128;     /* one 64-column half of K / V */
+constexpr uint32_t kWgQ = kWgBM * kWgDp * 2;    /* one buffer of Q (or dO) */
+constexpr uint32_t kWgHalfQ = kWgBM * 128;
+constexpr uint32_t kWgOffV = kWgKV, kWgOffQ = 2 * kWgKV, kWgOffdO = kWgOffQ + kWgBufs * kWgQ;
+constexpr uint32_t kWgOffdS = kWgOffdO + kWgBufs * kWgQ;
+constexpr uint32_t kWgOffLse = kWgOffdS + kWgBN * 128, kWgOffDi = kWgOffLse + kWgBufs * kWgBM * 4;
+constexpr uint32_t kWgSmem = kWgOffDi + kWgBufs * kWgBM * 4 + 1024; /* + 1024: the base is aligned up at run time */
+
+/* Rows [0, R) of a global (rows, D) slab (row stride rs) into a [2 halves][R][64] tile at shared address s, 128-byte
+ * swizzled; rows >= nvalid and columns >= D become zeros. 16 chunks of 16 bytes per row. */
+template <typename T, int R>
+__device__ __forceinline__ void wg_load_rows(uint32_t s, const T *g, int64_t rs, int64_t nvalid, int D) {
+#pragma unroll
+    for (int c = threadIdx.x; c < R * 16; c += kWgThreads) {
+        const int r = c >> 4, cc = c & 15;
+        const uint32_t dst = s + (cc >> 3) * (R * 128) + r * 128 + (((cc & 7) ^ (r & 7)) << 4);
+        const bool pred = r < nvalid && cc * 8 < D;
+        fdma_cp_async16_s(dst, pred ? g + r * rs + cc * 8 : g, pred ? 16 : 0);
+    }
+}
+
+/* Query rows [i0, i0 + 64) of head h into buffer buf: Q, dO (zeros past Sq), lse, Di. */
+template <typename T>
+__device__ __forceinline__ void wg_load_q(const Args &a, uint32_t sb, float *sLse, float *sDi, int b, int h,
+                                          int64_t i0, int buf) {
+    wg_load_rows<T, kWgBM>(sb + kWgOffQ + buf * kWgQ, (const T *)a.q + b * a.qs[0] + (int64_t)h * a.qs[2] + i0 * a.qs[1],
+                           a.qs[1], a.Sq - i0, a.D);
+    wg_load_rows<T, kWgBM>(sb + kWgOffdO + buf * kWgQ,
+                           (const T *)a.dout + b * a.dos[0] + (int64_t)h * a.dos[2] + i0 * a.dos[1], a.dos[1],
+                           a.Sq - i0, a.D);
+    const int r = threadIdx.x & (kWgBM - 1);
+    const int64_t off = ((int64_t)b * a.H + h) * a.Sq + i0 + r;
+    const bool ok = i0 + r < a.Sq;
+    if (threadIdx.x < kWgBM) cp_async4(sLse + buf * kWgBM + r, ok ? a.lse + off : a.lse, ok);
+    else if (threadIdx.x < 2 * kWgBM) cp_async4(sDi + buf * kWgBM + r, ok ? a.Di + off : a.Di, ok);
+}
+
+template <typename T> __global__ void __launch_bounds__(kWgThreads, 1) wgmma_dense_kernel(const Args a) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    const uint32_t raw = fdma_smem_u32(smem_raw);
+    const uint32_t sb = (raw + 1023u) & ~1023u;
+    unsigned char *smem = smem_raw + (sb - raw);
+    float *sLse = reinterpret_cast<float *>(smem + kWgOffLse), *sDi = reinterpret_cast<float *>(smem + kWgOffDi);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wg = warp >> 2, row0 = warp * 16;
+    const int gid = lane >> 2, t4 = lane & 3, wl = warp & 3;
+    const int64_t n0 = (int64_t)blockIdx.x * kWgBN;
+    const int nM = (int)((a.Sq + kWgBM - 1) / kWgBM);
+    const int m_first = first_q_block(a, n0, kWgBM);
+    const int nm = nM - m_first;
+    const int jw = (int)n0 + row0;
+    const bool key_edge = jw + 16 > a.sk;
+    /* descriptor bases: K / V rows of this warpgroup (K-major A of S^T / dP^T), K column half g (N-major B of dQ) */
+    const uint32_t sK = sb, sV = sb + kWgOffV, sdS = sb + kWgOffdS;
+    const uint32_t kA = sK + wg * 64 * 128, vA = sV + wg * 64 * 128, kB = sK + wg * kWgHalfKV;
+
+    for_each_unit(a, [&](int b, int hkv, int h_lo, int nh) {
+        __syncthreads(); /* the previous unit is done with shared memory */
+        wg_load_rows<T, kWgBN>(sK, (const T *)a.k + b * a.ks[0] + (int64_t)hkv * a.ks[2] + n0 * a.ks[1], a.ks[1],
+                               a.Sk - n0, a.D);
+        wg_load_rows<T, kWgBN>(sV, (const T *)a.v + b * a.vs[0] + (int64_t)hkv * a.vs[2] + n0 * a.vs[1], a.vs[1],
+                               a.Sk - n0, a.D);
+        if (nm > 0) wg_load_q<T>(a, sb, sLse, sDi, b, h_lo, (int64_t)m_first * kWgBM, 0);
+        fdma_cp_async_commit();
+        float accV[16][4], accK[16][4];
+        zero_acc(accV);
+        zero_acc(accK);
+        const int h_end = nm > 0 ? h_lo + nh : h_lo;
+        for (int hn = h_lo, mn = m_first, buf = kWgBufs - 1; hn < h_end;) {
+            const int h = hn, m = mn;
+            buf = buf == kWgBufs - 1 ? 0 : buf + 1;
+            if (++mn == m_first + nm) {
+                mn = m_first;
+                hn++;
+            }
+            fdma_cp_async_wait<0>();
+            fence_proxy_async();
+            __syncthreads(); /* tile (h, m) visible; the other buffer and dS^T free */
+            if (hn < h_end) wg_load_q<T>(a, sb, sLse, sDi, b, hn, (int64_t)mn * kWgBM, buf == kWgBufs - 1 ? 0 : buf + 1);
+            fdma_cp_async_commit();
+            const int64_t i0 = (int64_t)m * kWgBM;
+            const uint32_t sQ = sb + kWgOffQ + buf * kWgQ, sdO = sb + kWgOffdO + buf * kWgQ;
+
+            float s[8][4], dp[8][4];
+            wg_fence();
+            WgSS64<T, 0, 0>::first(s, desc_sw128(kA, 16, 1024), desc_sw128(sQ, 16, 1024));
+#pragma unroll
+            for (int kk = 1; kk < 8; kk++)
+                WgSS64<T, 0, 0>::run(s, desc_sw128(kA + (kk >> 2) * kWgHalfKV + (kk & 3) * 32, 16, 1024),
+                                     desc_sw128(sQ + (kk >> 2) * kWgHalfQ + (kk & 3) * 32, 16, 1024), 1);
+            wg_commit();
+            WgSS64<T, 0, 0>::first(dp, desc_sw128(vA, 16, 1024), desc_sw128(sdO, 16, 1024));
+#pragma unroll
+            for (int kk = 1; kk < 8; kk++)
+                WgSS64<T, 0, 0>::run(dp, desc_sw128(vA + (kk >> 2) * kWgHalfKV + (kk & 3) * 32, 16, 1024),
+                                     desc_sw128(sdO + (kk >> 2) * kWgHalfQ + (kk & 3) * 32, 16, 1024), 1);
+            wg_commit();
+            wg_wait<1>(); /* S^T done; dP^T may still run */
+            wg_reg_fence(s);
+
+            /* per-element tests only where the warp's 16 x 64 tile crosses the causal diagonal or an Sq / Sk edge */
+            const bool test = key_edge || (int)i0 + kWgBM > a.sq || (a.causal && jw + 15 - (int)i0 > a.sk - a.sq);
+            uint32_t vis = 0xffffffffu;
+            if (test) vis = visible_bits<true, 8, false, false>(a, b, h, i0, n0, row0, lane);
+            const float kb[2] = {0.f, 0.f};
+            const float *lse_s = sLse + buf * kWgBM;
+            if (test) dense_p<T, 8, false, false, true>(a, s, vis, lse_s, (const T *)nullptr, kb, lane);
+            else dense_p<T, 8, false, false, false>(a, s, vis, lse_s, (const T *)nullptr, kb, lane);
+            uint32_t ph[4][4], pa[4][4], da[4][4];
+            to_afrag<__half, 8>(ph, s, [](int, int) { return 1.f; });
+            to_afrag<T, 8>(pa, s, [](int, int) { return 1.f; });
+            wg_wait<0>();
+            wg_reg_fence(dp);
+            dense_ds<8>(dp, ph, sDi + buf * kWgBM, lane);
+            to_afrag<T, 8>(da, dp, [](int, int) { return 1.f; });
+
+            /* dS^T to shared [key][q] (row = 128 bytes, swizzled): A fragment kq holds (key gid (+8), q 16 kq + 2 t4
+               (+1) (+8)); chunk 2 kq + (upper 8 columns) of row key */
+            {
+                const int kr = row0 + gid;
+                unsigned char *base = smem + kWgOffdS;
+#pragma unroll
+                for (int kq = 0; kq < 4; kq++)
+#pragma unroll
+                    for (int x = 0; x < 4; x++) {
+                        const int key = kr + 8 * (x & 1), ch = 2 * kq + (x >> 1);
+                        *reinterpret_cast<uint32_t *>(base + key * 128 + ((ch ^ (key & 7)) << 4) + 4 * t4) = da[kq][x];
+                    }
+            }
+            fence_proxy_async();
+            __syncthreads(); /* dS^T of both warpgroups visible */
+            float dq[8][4];
+            wg_fence();
+            WgSS64<T, 1, 1>::first(dq, desc_sw128(sdS, 8192, 1024), desc_sw128(kB, kWgHalfKV, 1024));
+#pragma unroll
+            for (int kk = 1; kk < 8; kk++)
+                WgSS64<T, 1, 1>::run(dq, desc_sw128(sdS + kk * 2048, 8192, 1024),
+                                     desc_sw128(kB + kk * 2048, kWgHalfKV, 1024), 1);
+            wg_commit();
+#pragma unroll
+            for (int kq = 0; kq < 4; kq++) WgRS128<T, 1>::run(accV, pa[kq], desc_sw128(sdO + kq * 2048, kWgHalfQ, 1024));
+#pragma unroll
+            for (int kq = 0; kq < 4; kq++) WgRS128<T, 1>::run(accK, da[kq], desc_sw128(sQ + kq * 2048, kWgHalfQ, 1024));
+            wg_commit();
+            wg_wait<1>(); /* dQ done; dV / dK run on under the atomics */
+            wg_reg_fence(dq);
+            /* dq += the tile by 16-byte reductions: lanes t4 and t4 ^ 1 swap halves so that an even lane holds 4
+               consecutive columns of row gid, an odd one of row gid + 8 */
+            float *dqrow = a.dqacc + ((int64_t)b * a.Sq * a.H + h) * a.D;
+            const bool odd = t4 & 1;
+            const int64_t iq = i0 + 16 * wl + gid + (odd ? 8 : 0);
+#pragma unroll
+            for (int n = 0; n < 8; n++) {
+                const float sx = odd ? dq[n][0] : dq[n][2], sy = odd ? dq[n][1] : dq[n][3];
+                const float rx = __shfl_xor_sync(0xffffffffu, sx, 1), ry = __shfl_xor_sync(0xffffffffu, sy, 1);
+                const float4 v = odd ? make_float4(rx, ry, dq[n][2], dq[n][3]) : make_float4(dq[n][0], dq[n][1], rx, ry);
+                const int d = 64 * wg + 8 * n + 4 * (t4 >> 1);
+                if (iq < a.Sq && d < a.D) red_add_f32x4(dqrow + iq * a.H * a.D + d, v);
+            }
+            /* dV / dK done before the step ends (a product still in flight across the loop's back edge makes ptxas
+               serialize every wgmma: C7515) */
+            wg_wait<0>();
+            wg_reg_fence(accV);
+            wg_reg_fence(accK);
+        }
+        fdma_cp_async_wait<0>(); /* K / V when no query tile ran */
+        const bool partial = a.hph == 1 && a.g > 1;
+        write_kv<T, kWgDp, 0>(a, accV, 1.f, a.dv, a.dvs, partial ? a.dvpart : nullptr, b, hkv, h_lo, n0, row0, lane);
+        write_kv<T, kWgDp, 0>(a, accK, a.scale, a.dk, a.dks, partial ? a.dkpart : nullptr, b, hkv, h_lo, n0, row0,
+                              lane);
+    });
+#endif
+}
+
+cudaError_t launch_wgmma_d128(const Args &a, int bf16, dim3 grid, cudaStream_t st) {
+    return bf16 ? launch_smem(wgmma_dense_kernel<__nv_bfloat16>, grid, kWgThreads, kWgSmem, st, a)
+                : launch_smem(wgmma_dense_kernel<__half>, grid, kWgThreads, kWgSmem, st, a);
+}
+
+} /* namespace fdma_bwdk */

@@ -1,0 +1,173 @@
+/*
+ * wgmma.cuh -- the Hopper warpgroup matrix-multiply pieces (PTX wgmma.mma_async, sm_90a only) that bwd_wgmma.cu
+ * uses: shared-memory matrix descriptors for the 128-byte swizzled layout, fence / commit / wait, and the two shapes
+ * the backward needs, as inline PTX with fp32 accumulators:
+ *   WgSS64<T, kTA, kTB>::run(d, descA, descB, scale_d)   d (64 x 64) (scale_d ? += : =) A (64 x 16) B (16 x 64)
+ *   WgSS64<T, kTA, kTB>::first(d, descA, descB)          d = A B with d write-only (the first k step of a product)
+ *   WgRS128<T, kTB>::run(d, a, descB)                    d (64 x 128) += A (64 x 16, registers) B (16 x 128)
+ * T is __nv_bfloat16 or __half. kTA / kTB = 0: the operand is K-major in shared memory (A [m][k], B [n][k], k
+ * contiguous); 1: M- / N-major (A [k][m], B [k][n]).
+ *
+ * Register layouts (PTX ISA, "Register Fragments" of wgmma .m64nNk16): warp w of the warpgroup (w = warp % 4) owns
+ * rows 16 w .. 16 w + 15 of d and of A; d[n][e] is row 16 w + gid + 8 (e >> 1), column 8 n + 2 t4 + (e & 1) (gid =
+ * lane / 4, t4 = lane % 4): per warp exactly mma.sync m16n8k16's C layout, and the A registers are its A fragment
+ * (to_afrag in bwd_common.cuh builds them from C fragments).
+ *
+ * Shared-memory layout (one "atom" of the 128-byte swizzle, 1024 bytes, 1024-byte aligned): 8 rows of 128 bytes,
+ * 16-byte chunk c of row r stored at chunk c ^ (r % 8). A K-major operand with k = 64 elements per row: rows are m
+ * (or n), atoms stacked along m every 1024 bytes (SBO); a 16-wide k step starts 32 bytes further into the row (the
+ * hardware applies the swizzle to the final address bits). An MN-major operand: rows are k, 64 m (n) elements per row;
+ * the 8-row k groups every SBO bytes, 64-element m (n) blocks every LBO bytes. Descriptor bits (PTX "Matrix
+ * Descriptor Format"): start address >> 4 in 0-13, LBO >> 4 in 16-29, SBO >> 4 in 32-45, base offset 0 (atoms are
+ * 1024-byte aligned), swizzle mode 1 (128-byte) in 62-63.
+ *
+ * Async rules kept by the callers: wg_fence() before the first wgmma of a batch whose accumulator or A registers were
+ * written by ordinary instructions; wg_commit() closes a group; wg_wait<N>() waits until at most N groups are
+ * pending; shared memory written by the generic proxy (st.shared, cp.async) that wgmma reads needs
+ * fence_proxy_async() in the writing threads before the barrier that publishes it. wg_reg_fence() pins accumulator
+ * registers so the compiler moves no access to them across a wgmma issue or wait.
+ */
+#ifndef FDMA_CUDA_WGMMA_CUH
+#define FDMA_CUDA_WGMMA_CUH
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace fdma_wg {
+
+/* Descriptor of a 128-byte swizzled operand at shared-window address saddr (16-byte aligned). */
+__device__ __forceinline__ uint64_t desc_sw128(uint32_t saddr, uint32_t lbo, uint32_t sbo) {
+    return (uint64_t)((saddr & 0x3FFFFu) >> 4) | ((uint64_t)((lbo & 0x3FFFFu) >> 4) << 16) |
+           ((uint64_t)((sbo & 0x3FFFFu) >> 4) << 32) | (1ull << 62);
+}
+
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wg_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+template <int N> __device__ __forceinline__ void wg_reg_fence(float (&d)[N][4]) {
+#pragma unroll
+    for (int n = 0; n < N; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) asm volatile("" : "+f"(d[n][e])::"memory");
+}
+
+template <typename T, int kTA, int kTB> struct WgSS64;
+template <typename T, int kTB> struct WgRS128;
+
+template <int kTA, int kTB> struct WgSS64<__nv_bfloat16, kTA, kTB> {
+    /* d (scale_d ? += : =) A B */
+    static __device__ __forceinline__ void run(float (&d)[8][4], uint64_t da, uint64_t db, int scale_d) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16\n"
+                     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31},\n"
+                     "%32, %33, p, 1, 1, %35, %36;\n}\n"
+                     : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
+                       "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+                       "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]),
+                       "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+                       "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
+                       "+f"(d[7][2]), "+f"(d[7][3])
+                     : "l"(da), "l"(db), "r"(scale_d), "n"(kTA), "n"(kTB));
+    }
+    /* d = A B, d write-only (so that nothing initialises d before the product) */
+    static __device__ __forceinline__ void first(float (&d)[8][4], uint64_t da, uint64_t db) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %36, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16\n"
+                     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31},\n"
+                     "%32, %33, p, 1, 1, %34, %35;\n}\n"
+                     : "=f"(d[0][0]), "=f"(d[0][1]), "=f"(d[0][2]), "=f"(d[0][3]), "=f"(d[1][0]), "=f"(d[1][1]),
+                       "=f"(d[1][2]), "=f"(d[1][3]), "=f"(d[2][0]), "=f"(d[2][1]), "=f"(d[2][2]), "=f"(d[2][3]),
+                       "=f"(d[3][0]), "=f"(d[3][1]), "=f"(d[3][2]), "=f"(d[3][3]), "=f"(d[4][0]), "=f"(d[4][1]),
+                       "=f"(d[4][2]), "=f"(d[4][3]), "=f"(d[5][0]), "=f"(d[5][1]), "=f"(d[5][2]), "=f"(d[5][3]),
+                       "=f"(d[6][0]), "=f"(d[6][1]), "=f"(d[6][2]), "=f"(d[6][3]), "=f"(d[7][0]), "=f"(d[7][1]),
+                       "=f"(d[7][2]), "=f"(d[7][3])
+                     : "l"(da), "l"(db), "n"(kTA), "n"(kTB), "r"(0));
+    }
+};
+template <int kTB> struct WgRS128<__nv_bfloat16, kTB> {
+    static __device__ __forceinline__ void run(float (&d)[16][4], const uint32_t (&a)[4], uint64_t db) {
+        asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16\n"
+                     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                     "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                     "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63},\n"
+                     "{%64, %65, %66, %67}, %68, 1, 1, 1, %69;\n"
+                     : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
+                       "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+                       "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]),
+                       "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+                       "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
+                       "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),
+                       "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]),
+                       "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
+                       "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]),
+                       "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
+                       "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "n"(kTB));
+    }
+};
+template <int kTA, int kTB> struct WgSS64<__half, kTA, kTB> {
+    /* d (scale_d ? += : =) A B */
+    static __device__ __forceinline__ void run(float (&d)[8][4], uint64_t da, uint64_t db, int scale_d) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16\n"
+                     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31},\n"
+                     "%32, %33, p, 1, 1, %35, %36;\n}\n"
+                     : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
+                       "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+                       "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]),
+                       "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+                       "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
+                       "+f"(d[7][2]), "+f"(d[7][3])
+                     : "l"(da), "l"(db), "r"(scale_d), "n"(kTA), "n"(kTB));
+    }
+    /* d = A B, d write-only (so that nothing initialises d before the product) */
+    static __device__ __forceinline__ void first(float (&d)[8][4], uint64_t da, uint64_t db) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %36, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16\n"
+                     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31},\n"
+                     "%32, %33, p, 1, 1, %34, %35;\n}\n"
+                     : "=f"(d[0][0]), "=f"(d[0][1]), "=f"(d[0][2]), "=f"(d[0][3]), "=f"(d[1][0]), "=f"(d[1][1]),
+                       "=f"(d[1][2]), "=f"(d[1][3]), "=f"(d[2][0]), "=f"(d[2][1]), "=f"(d[2][2]), "=f"(d[2][3]),
+                       "=f"(d[3][0]), "=f"(d[3][1]), "=f"(d[3][2]), "=f"(d[3][3]), "=f"(d[4][0]), "=f"(d[4][1]),
+                       "=f"(d[4][2]), "=f"(d[4][3]), "=f"(d[5][0]), "=f"(d[5][1]), "=f"(d[5][2]), "=f"(d[5][3]),
+                       "=f"(d[6][0]), "=f"(d[6][1]), "=f"(d[6][2]), "=f"(d[6][3]), "=f"(d[7][0]), "=f"(d[7][1]),
+                       "=f"(d[7][2]), "=f"(d[7][3])
+                     : "l"(da), "l"(db), "n"(kTA), "n"(kTB), "r"(0));
+    }
+};
+template <int kTB> struct WgRS128<__half, kTB> {
+    static __device__ __forceinline__ void run(float (&d)[16][4], const uint32_t (&a)[4], uint64_t db) {
+        asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16\n"
+                     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                     "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                     "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63},\n"
+                     "{%64, %65, %66, %67}, %68, 1, 1, 1, %69;\n"
+                     : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
+                       "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+                       "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]),
+                       "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+                       "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
+                       "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),
+                       "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]),
+                       "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
+                       "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]),
+                       "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
+                       "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "n"(kTB));
+    }
+};
+
+} /* namespace fdma_wg */
+
+#endif /* FDMA_CUDA_WGMMA_CUH */
