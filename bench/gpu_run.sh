@@ -3,7 +3,7 @@
 #
 #   build    (always) the library with CMake (FDMA_CUDA_ARCHS=90, -j16, tests off) and, side by side, the three
 #            standalone harnesses: every src/cuda/*.cu and tests/cuda/test_*.cu compiled by its own nvcc
-#            (xargs -P16; -O3 --use_fast_math, sm_90; bwd_wgmma.cu sm_90a), src/cuda objects put in one archive, each harness linked
+#            (xargs -P16; -O3 --use_fast_math, sm_90; bwd_wgmma*.cu sm_90a), src/cuda objects put in one archive, each harness linked
 #            against it (the linker takes only the members it needs: test_fwd = fwd*.cu + api_cuda.cu,
 #            test_bwd = bwd*.cu, test_topk = topk*.cu)
 #   test     test_fwd, test_bwd, test_topk (--no-timing when cbench runs: its timing runs there, on an idle GPU)
@@ -71,7 +71,7 @@ export TB ARCH DEFS
 compile_one() {  # $1 = a .cu file; object named after its path: src_cuda_fwd_d128.o, tests_cuda_test_fwd.o
     local f=$1 o extra="" arch=$ARCH
     o=$TB/obj/$(echo "${f%.cu}" | tr '/' '_').o
-    case $f in *test_topk.cu) extra="-Xcompiler -fopenmp";; *bwd_wgmma.cu) arch="-gencode arch=compute_90a,code=sm_90a";; esac
+    case $f in *test_topk.cu) extra="-Xcompiler -fopenmp";; *bwd_wgmma*.cu) arch="-gencode arch=compute_90a,code=sm_90a";; esac
     if nvcc -c -O3 --use_fast_math -std=c++17 $arch $DEFS -DFDMA_HAVE_WGMMA=1 $extra -Iinclude -Isrc -Xptxas -warn-spills "$f" -o "$o" \
         > "$o.log" 2>&1; then echo "ok   $f"; else echo "FAIL $f"; fi
     cat "$o.log"
@@ -121,10 +121,13 @@ if has sanitize; then
     [ -x "$TB/test_fwd" ] && job mc_fwd "$(lim 90 $RES)" "${MC[@]}" "$TB/test_fwd" --small
     [ -x "$TB/test_bwd" ] && job mc_bwd "$(lim 90 $RES)" "${MC[@]}" "$TB/test_bwd" --small
     [ -x "$TB/test_topk" ] && job mc_topk "$(lim 90 $RES)" env OMP_NUM_THREADS=4 "${MC[@]}" "$TB/test_topk" --tiny --few --no-timing
-    # the top-k window paths (sparse forward + sparse backward kernel; deterministic sparse) through the package
+    # the top-k window paths (sparse forward + sparse backward kernels, D64 mma.sync and D128 wgmma; deterministic
+    # sparse) through the package
     [ -f "$LIB" ] && job mc_sparse "$(lim 180 $RES)" "${PYENV[@]}" "${MC[@]}" $PY -m pytest -q -p no:cacheprovider \
         "tests/python/test_sparse.py::test_fused_equals_dense_mask_path[bfloat16-B2-H8-Hkv2-bkv-m-Sq77-Sk300-D64-w1-randn]" \
-        "tests/python/test_sparse.py::test_deterministic_is_bitwise[float16-B2-H4-Hkv1-bb1-nom-Sq257-Sk257-D64-w7-few]"
+        "tests/python/test_sparse.py::test_deterministic_is_bitwise[float16-B2-H4-Hkv1-bb1-nom-Sq257-Sk257-D64-w7-few]" \
+        "tests/python/test_sparse.py::test_fused_equals_dense_mask_path[bfloat16-B1-H8-Hkv2-bkv-nom-Sq300-Sk77-D128-w7-randn]" \
+        "tests/python/test_sparse.py::test_fused_equals_dense_mask_path[float16-B1-H4-Hkv1-bh1-nom-Sq77-Sk300-D128-w7-const]"
 fi
 if has pytest && [ -f "$LIB" ]; then
     TO=""; $PY -c "import pytest_timeout" 2> /dev/null && TO="--timeout 120"

@@ -9,10 +9,11 @@
  *   0. top-k window     the selection (window.cuh): the keep mask, or the SPARSE expiry and key lists
  *   3. dkdv kernel      dk, dv (or per-query-head fp32 partials), dbias, dq atomics (bwd_common.cuh; the calls
  *                       without dropout, softcap or window in the default mode: bwd_dense.cuh's one-pass kernel;
- *                       the plain ones at D <= 128 on a 9.0 device: bwd_wgmma.cu's wgmma kernel, plan "_wgmma")
+ *                       the plain ones at D in (64, 128] on a 9.0 device: bwd_wgmma.cu's wgmma kernel, plan "_wgmma")
  *      dq kernel        deterministic mode only: dq rows owned by one CTA each
  *      sparse kernel    instead of both, for a SPARSE window in the default mode (D <= 128): query tiles over their gathered
- *                       keys, dq in registers, dk/dv/dbias by fp32 atomics (O(Sq * w) work)
+ *                       keys, dq in registers, dk/dv/dbias by fp32 atomics (O(Sq * w) work); at D in (64, 128]
+ *                       without dropout or softcap on a 9.0 device bwd_wgmma_sparse.cu's wgmma kernel ("_wgmma")
  *   4. dq_convert       dq = scale * accumulator                                     (default mode)
  *      kv_reduce        dk, dv = sum of the g per-query-head partials                 (GQA, CTA per query head)
  *      dbias_finalize   dbias = sum of the fp32 accumulator over the partial dims     (broadcast bias; 0 past a
@@ -51,7 +52,8 @@ struct Config {
                          CTA per query head for ACC dbias too: atomics instead of owner loops) */
     int key_bias;     /* a bias whose rows broadcast (dim 2 == 1): the dense kernel's KEY-BIAS instantiations */
     int smask;        /* the dense kernel stages the mask in shared memory (dense_mask_staged) */
-    int wgmma;        /* a plain dense call (no mask, no bias) at Dp = 128 on a 9.0 device: bwd_wgmma.cu's kernel */
+    int wgmma;        /* Dp = 128 on a 9.0 device: a plain dense call (no mask, no bias) runs bwd_wgmma.cu's kernel, a
+                         sparse one without dropout or softcap bwd_wgmma_sparse.cu's */
     int64_t Skp;      /* dbias accumulator row pitch: Sk rounded up to a multiple of 4 */
     size_t off_gl, off_di, off_dq, off_dk, off_dv, off_db, total;
 };
@@ -128,7 +130,8 @@ static void make_config(const fdma_params *p, int sparse_window, Config *c) {
     c->dense = !sparse && dense_eligible(c->Dp, p->deterministic, p->p_drop > 0.f, p->softcap, sparse_window != 0,
                                         bias_form);
     c->smask = c->dense && dense_mask_staged((const uint8_t *)p->mask.ptr, ms);
-    c->wgmma = c->dense && c->Dp == 128 && !p->mask.ptr && !p->bias.ptr && wgmma_available();
+    c->wgmma = ((c->dense && !p->mask.ptr && !p->bias.ptr) || (sparse && !(p->p_drop > 0.f) && !(p->softcap > 0.f))) &&
+               c->Dp == 128 && wgmma_available();
     /* ACC in the dkdv kernel: each accumulator element has one owner thread, so one CTA loops over the batches and
        kv heads that share it (every query head of a kv head, or all heads, in one CTA). The dense kernel adds with
        atomics instead and keeps a CTA per query head. */
@@ -457,7 +460,7 @@ extern "C" fdma_status fdma_cuda_bwd_plan(const fdma_params *p, fdma_plan *plan)
     fdma_cuda_window_params(&w, p, (void *)(uintptr_t)256, &pa);
     Config c;
     make_config(&pa, w.mode == FDMA_WIN_SPARSE, &c);
-    snprintf(plan->name, sizeof(plan->name), "cuda_bwd_%s_d%d%s%s%s", p->dtype == FDMA_DTYPE_BF16 ? "bf16" : "f16",
+    snprintf(plan->name, sizeof(plan->name), "cuda_bwd_%s_d%d%s%s%s%s", p->dtype == FDMA_DTYPE_BF16 ? "bf16" : "f16",
              c.Dp, w.mode == FDMA_WIN_SPARSE ? "_sparse" : w.mode == FDMA_WIN_MASK ? "_window" : "",
              p->deterministic ? "_det"
              : c.gather_rows  ? "_gather"
@@ -466,7 +469,7 @@ extern "C" fdma_status fdma_cuda_bwd_plan(const fdma_params *p, fdma_plan *plan)
              : c.smask        ? "_dense_smask"
              : c.wgmma        ? "_dense_wgmma"
                               : "_dense",
-             c.per_head ? "_gqasplit" : "");
+             c.wgmma && c.sparse ? "_wgmma" : "", c.per_head ? "_gqasplit" : "");
     plan->workspace_bytes = w.bytes + c.total;
     plan->variant = c.Dp;
     plan->flags = c.dbias_mode;

@@ -17,7 +17,12 @@ template <typename T, int kDp>
 cudaError_t launch_dp(const Args &a, int deterministic, dim3 grid, cudaStream_t st) {
     constexpr int kBN = key_block(kDp);
     if constexpr (kDp <= 128) {
-        if (a.ex_lists) return launch_sparse<T, kDp>(a, st);
+        if (a.ex_lists) {
+#ifdef FDMA_HAVE_WGMMA
+            if (kDp == 128 && a.wgmma) return launch_wgmma_sparse_d128(a, std::is_same<T, __nv_bfloat16>::value, st);
+#endif
+            return launch_sparse<T, kDp>(a, st);
+        }
         if (dense_eligible(kDp, deterministic, a.dropout != 0, a.softcap, a.expiry != nullptr,
                            dense_bias_form(a.bias, a.bs, a.dbias_mode, a.Sq))) {
 #ifdef FDMA_HAVE_WGMMA

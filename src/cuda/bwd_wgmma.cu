@@ -44,28 +44,16 @@ constexpr uint32_t kWgOffdS = kWgOffdO + kWgBufs * kWgQ;
 constexpr uint32_t kWgOffLse = kWgOffdS + kWgBN * 128, kWgOffDi = kWgOffLse + kWgBufs * kWgBM * 4;
 constexpr uint32_t kWgSmem = kWgOffDi + kWgBufs * kWgBM * 4 + 1024; /* + 1024: the base is aligned up at run time */
 
-/* Rows [0, R) of a global (rows, D) slab (row stride rs) into a [2 halves][R][64] tile at shared address s, 128-byte
- * swizzled; rows >= nvalid and columns >= D become zeros. 16 chunks of 16 bytes per row. */
-template <typename T, int R>
-__device__ __forceinline__ void wg_load_rows(uint32_t s, const T *g, int64_t rs, int64_t nvalid, int D) {
-#pragma unroll
-    for (int c = threadIdx.x; c < R * 16; c += kWgThreads) {
-        const int r = c >> 4, cc = c & 15;
-        const uint32_t dst = s + (cc >> 3) * (R * 128) + r * 128 + (((cc & 7) ^ (r & 7)) << 4);
-        const bool pred = r < nvalid && cc * 8 < D;
-        fdma_cp_async16_s(dst, pred ? g + r * rs + cc * 8 : g, pred ? 16 : 0);
-    }
-}
-
 /* Query rows [i0, i0 + 64) of head h into buffer buf: Q, dO (zeros past Sq), lse, Di. */
 template <typename T>
 __device__ __forceinline__ void wg_load_q(const Args &a, uint32_t sb, float *sLse, float *sDi, int b, int h,
                                           int64_t i0, int buf) {
-    wg_load_rows<T, kWgBM>(sb + kWgOffQ + buf * kWgQ, (const T *)a.q + b * a.qs[0] + (int64_t)h * a.qs[2] + i0 * a.qs[1],
-                           a.qs[1], a.Sq - i0, a.D);
-    wg_load_rows<T, kWgBM>(sb + kWgOffdO + buf * kWgQ,
-                           (const T *)a.dout + b * a.dos[0] + (int64_t)h * a.dos[2] + i0 * a.dos[1], a.dos[1],
-                           a.Sq - i0, a.D);
+    wg_load_rows<T, kWgBM, kWgThreads>(sb + kWgOffQ + buf * kWgQ,
+                                       (const T *)a.q + b * a.qs[0] + (int64_t)h * a.qs[2] + i0 * a.qs[1], a.qs[1],
+                                       a.Sq - i0, a.D);
+    wg_load_rows<T, kWgBM, kWgThreads>(sb + kWgOffdO + buf * kWgQ,
+                                       (const T *)a.dout + b * a.dos[0] + (int64_t)h * a.dos[2] + i0 * a.dos[1],
+                                       a.dos[1], a.Sq - i0, a.D);
     const int r = threadIdx.x & (kWgBM - 1);
     const int64_t off = ((int64_t)b * a.H + h) * a.Sq + i0 + r;
     const bool ok = i0 + r < a.Sq;
@@ -94,10 +82,10 @@ template <typename T> __global__ void __launch_bounds__(kWgThreads, 1) wgmma_den
 
     for_each_unit(a, [&](int b, int hkv, int h_lo, int nh) {
         __syncthreads(); /* the previous unit is done with shared memory */
-        wg_load_rows<T, kWgBN>(sK, (const T *)a.k + b * a.ks[0] + (int64_t)hkv * a.ks[2] + n0 * a.ks[1], a.ks[1],
-                               a.Sk - n0, a.D);
-        wg_load_rows<T, kWgBN>(sV, (const T *)a.v + b * a.vs[0] + (int64_t)hkv * a.vs[2] + n0 * a.vs[1], a.vs[1],
-                               a.Sk - n0, a.D);
+        wg_load_rows<T, kWgBN, kWgThreads>(sK, (const T *)a.k + b * a.ks[0] + (int64_t)hkv * a.ks[2] + n0 * a.ks[1],
+                                           a.ks[1], a.Sk - n0, a.D);
+        wg_load_rows<T, kWgBN, kWgThreads>(sV, (const T *)a.v + b * a.vs[0] + (int64_t)hkv * a.vs[2] + n0 * a.vs[1],
+                                           a.vs[1], a.Sk - n0, a.D);
         if (nm > 0) wg_load_q<T>(a, sb, sLse, sDi, b, h_lo, (int64_t)m_first * kWgBM, 0);
         fdma_cp_async_commit();
         float accV[16][4], accK[16][4];

@@ -1,9 +1,11 @@
 /*
- * wgmma.cuh -- the Hopper warpgroup matrix-multiply pieces (PTX wgmma.mma_async, sm_90a only) that bwd_wgmma.cu
- * uses: shared-memory matrix descriptors for the 128-byte swizzled layout, fence / commit / wait, and the two shapes
- * the backward needs, as inline PTX with fp32 accumulators:
+ * wgmma.cuh -- the Hopper warpgroup matrix-multiply pieces (PTX wgmma.mma_async, sm_90a only) that the wgmma
+ * backward kernels (bwd_wgmma.cu, bwd_wgmma_sparse.cu) use: shared-memory matrix descriptors for the 128-byte swizzled
+ * layout, fence / commit / wait, the tile loader, and the shapes the backward needs, as inline PTX with fp32
+ * accumulators:
  *   WgSS64<T, kTA, kTB>::run(d, descA, descB, scale_d)   d (64 x 64) (scale_d ? += : =) A (64 x 16) B (16 x 64)
  *   WgSS64<T, kTA, kTB>::first(d, descA, descB)          d = A B with d write-only (the first k step of a product)
+ *   WgSS128<T, kTA, kTB>::first / run(d, descA, descB)   d (64 x 128) = / += A (64 x 16) B (16 x 128)
  *   WgRS128<T, kTB>::run(d, a, descB)                    d (64 x 128) += A (64 x 16, registers) B (16 x 128)
  * T is __nv_bfloat16 or __half. kTA / kTB = 0: the operand is K-major in shared memory (A [m][k], B [n][k], k
  * contiguous); 1: M- / N-major (A [k][m], B [k][n]).
@@ -34,6 +36,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "common.cuh"
+
 namespace fdma_wg {
 
 /* Descriptor of a 128-byte swizzled operand at shared-window address saddr (16-byte aligned). */
@@ -57,7 +61,22 @@ template <int N> __device__ __forceinline__ void wg_reg_fence(float (&d)[N][4]) 
 }
 
 template <typename T, int kTA, int kTB> struct WgSS64;
+template <typename T, int kTA, int kTB> struct WgSS128;
 template <typename T, int kTB> struct WgRS128;
+
+/* Rows [0, R) of a global (rows, D) slab (row stride rs, D <= 128) into a [2 column halves][R][64] tile at shared
+ * address s (1024-byte aligned), 128-byte swizzled, by kThreads threads; rows >= nvalid and columns >= D become
+ * zeros (cp.async, not committed). */
+template <typename T, int R, int kThreads>
+__device__ __forceinline__ void wg_load_rows(uint32_t s, const T *g, int64_t rs, int64_t nvalid, int D) {
+#pragma unroll
+    for (int c = threadIdx.x; c < R * 16; c += kThreads) {
+        const int r = c >> 4, cc = c & 15;
+        const uint32_t dst = s + (cc >> 3) * (R * 128) + r * 128 + (((cc & 7) ^ (r & 7)) << 4);
+        const bool pred = r < nvalid && cc * 8 < D;
+        fdma_cp_async16_s(dst, pred ? g + r * rs + cc * 8 : g, pred ? 16 : 0);
+    }
+}
 
 template <int kTA, int kTB> struct WgSS64<__nv_bfloat16, kTA, kTB> {
     /* d (scale_d ? += : =) A B */
@@ -89,6 +108,51 @@ template <int kTA, int kTB> struct WgSS64<__nv_bfloat16, kTA, kTB> {
                        "=f"(d[6][0]), "=f"(d[6][1]), "=f"(d[6][2]), "=f"(d[6][3]), "=f"(d[7][0]), "=f"(d[7][1]),
                        "=f"(d[7][2]), "=f"(d[7][3])
                      : "l"(da), "l"(db), "n"(kTA), "n"(kTB), "r"(0));
+    }
+};
+template <int kTA, int kTB> struct WgSS128<__nv_bfloat16, kTA, kTB> {
+    /* d = A B, d write-only */
+    static __device__ __forceinline__ void first(float (&d)[16][4], uint64_t da, uint64_t db) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %68, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16\n"
+                     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                     "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                     "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63},\n"
+                     "%64, %65, p, 1, 1, %66, %67;\n}\n"
+                     : "=f"(d[0][0]), "=f"(d[0][1]), "=f"(d[0][2]), "=f"(d[0][3]), "=f"(d[1][0]), "=f"(d[1][1]),
+                       "=f"(d[1][2]), "=f"(d[1][3]), "=f"(d[2][0]), "=f"(d[2][1]), "=f"(d[2][2]), "=f"(d[2][3]),
+                       "=f"(d[3][0]), "=f"(d[3][1]), "=f"(d[3][2]), "=f"(d[3][3]), "=f"(d[4][0]), "=f"(d[4][1]),
+                       "=f"(d[4][2]), "=f"(d[4][3]), "=f"(d[5][0]), "=f"(d[5][1]), "=f"(d[5][2]), "=f"(d[5][3]),
+                       "=f"(d[6][0]), "=f"(d[6][1]), "=f"(d[6][2]), "=f"(d[6][3]), "=f"(d[7][0]), "=f"(d[7][1]),
+                       "=f"(d[7][2]), "=f"(d[7][3]), "=f"(d[8][0]), "=f"(d[8][1]), "=f"(d[8][2]), "=f"(d[8][3]),
+                       "=f"(d[9][0]), "=f"(d[9][1]), "=f"(d[9][2]), "=f"(d[9][3]), "=f"(d[10][0]), "=f"(d[10][1]),
+                       "=f"(d[10][2]), "=f"(d[10][3]), "=f"(d[11][0]), "=f"(d[11][1]), "=f"(d[11][2]), "=f"(d[11][3]),
+                       "=f"(d[12][0]), "=f"(d[12][1]), "=f"(d[12][2]), "=f"(d[12][3]), "=f"(d[13][0]), "=f"(d[13][1]),
+                       "=f"(d[13][2]), "=f"(d[13][3]), "=f"(d[14][0]), "=f"(d[14][1]), "=f"(d[14][2]), "=f"(d[14][3]),
+                       "=f"(d[15][0]), "=f"(d[15][1]), "=f"(d[15][2]), "=f"(d[15][3])
+                     : "l"(da), "l"(db), "n"(kTA), "n"(kTB), "r"(0));
+    }
+    /* d += A B */
+    static __device__ __forceinline__ void run(float (&d)[16][4], uint64_t da, uint64_t db) {
+        asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16\n"
+                     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                     "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                     "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63},\n"
+                     "%64, %65, 1, 1, 1, %66, %67;\n"
+                     : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
+                       "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+                       "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]),
+                       "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+                       "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
+                       "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),
+                       "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]),
+                       "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
+                       "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]),
+                       "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
+                       "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+                     : "l"(da), "l"(db), "n"(kTA), "n"(kTB));
     }
 };
 template <int kTB> struct WgRS128<__nv_bfloat16, kTB> {
@@ -143,6 +207,51 @@ template <int kTA, int kTB> struct WgSS64<__half, kTA, kTB> {
                        "=f"(d[6][0]), "=f"(d[6][1]), "=f"(d[6][2]), "=f"(d[6][3]), "=f"(d[7][0]), "=f"(d[7][1]),
                        "=f"(d[7][2]), "=f"(d[7][3])
                      : "l"(da), "l"(db), "n"(kTA), "n"(kTB), "r"(0));
+    }
+};
+template <int kTA, int kTB> struct WgSS128<__half, kTA, kTB> {
+    /* d = A B, d write-only */
+    static __device__ __forceinline__ void first(float (&d)[16][4], uint64_t da, uint64_t db) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %68, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16\n"
+                     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                     "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                     "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63},\n"
+                     "%64, %65, p, 1, 1, %66, %67;\n}\n"
+                     : "=f"(d[0][0]), "=f"(d[0][1]), "=f"(d[0][2]), "=f"(d[0][3]), "=f"(d[1][0]), "=f"(d[1][1]),
+                       "=f"(d[1][2]), "=f"(d[1][3]), "=f"(d[2][0]), "=f"(d[2][1]), "=f"(d[2][2]), "=f"(d[2][3]),
+                       "=f"(d[3][0]), "=f"(d[3][1]), "=f"(d[3][2]), "=f"(d[3][3]), "=f"(d[4][0]), "=f"(d[4][1]),
+                       "=f"(d[4][2]), "=f"(d[4][3]), "=f"(d[5][0]), "=f"(d[5][1]), "=f"(d[5][2]), "=f"(d[5][3]),
+                       "=f"(d[6][0]), "=f"(d[6][1]), "=f"(d[6][2]), "=f"(d[6][3]), "=f"(d[7][0]), "=f"(d[7][1]),
+                       "=f"(d[7][2]), "=f"(d[7][3]), "=f"(d[8][0]), "=f"(d[8][1]), "=f"(d[8][2]), "=f"(d[8][3]),
+                       "=f"(d[9][0]), "=f"(d[9][1]), "=f"(d[9][2]), "=f"(d[9][3]), "=f"(d[10][0]), "=f"(d[10][1]),
+                       "=f"(d[10][2]), "=f"(d[10][3]), "=f"(d[11][0]), "=f"(d[11][1]), "=f"(d[11][2]), "=f"(d[11][3]),
+                       "=f"(d[12][0]), "=f"(d[12][1]), "=f"(d[12][2]), "=f"(d[12][3]), "=f"(d[13][0]), "=f"(d[13][1]),
+                       "=f"(d[13][2]), "=f"(d[13][3]), "=f"(d[14][0]), "=f"(d[14][1]), "=f"(d[14][2]), "=f"(d[14][3]),
+                       "=f"(d[15][0]), "=f"(d[15][1]), "=f"(d[15][2]), "=f"(d[15][3])
+                     : "l"(da), "l"(db), "n"(kTA), "n"(kTB), "r"(0));
+    }
+    /* d += A B */
+    static __device__ __forceinline__ void run(float (&d)[16][4], uint64_t da, uint64_t db) {
+        asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16\n"
+                     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                     "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                     "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63},\n"
+                     "%64, %65, 1, 1, 1, %66, %67;\n"
+                     : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
+                       "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+                       "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]),
+                       "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+                       "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
+                       "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),
+                       "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]),
+                       "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
+                       "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]),
+                       "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
+                       "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+                     : "l"(da), "l"(db), "n"(kTA), "n"(kTB));
     }
 };
 template <int kTB> struct WgRS128<__half, kTB> {
