@@ -79,6 +79,11 @@ template <typename T> __global__ void __launch_bounds__(kWgThreads, 1) wgmma_den
     /* descriptor bases: K / V rows of this warpgroup (K-major A of S^T / dP^T), K column half g (N-major B of dQ) */
     const uint32_t sK = sb, sV = sb + kWgOffV, sdS = sb + kWgOffdS;
     const uint32_t kA = sK + wg * 64 * 128, vA = sV + wg * 64 * 128, kB = sK + wg * kWgHalfKV;
+    /* descriptor words (wgmma.cuh): K-major operands (SBO 1024, LBO unused), MN-major ones (SBO 1024, LBO = the
+       stride of 64-column halves); a k step adds a constant (bytes >> 4) to lo */
+    constexpr uint32_t kHi = desc_hi(1024);
+    const uint32_t kAlo = desc_lo(kA, 16), vAlo = desc_lo(vA, 16), kBlo = desc_lo(kB, kWgHalfKV);
+    const uint32_t dSlo = desc_lo(sdS, 8192);
 
     for_each_unit(a, [&](int b, int hkv, int h_lo, int nh) {
         __syncthreads(); /* the previous unit is done with shared memory */
@@ -108,18 +113,19 @@ template <typename T> __global__ void __launch_bounds__(kWgThreads, 1) wgmma_den
             const uint32_t sQ = sb + kWgOffQ + buf * kWgQ, sdO = sb + kWgOffdO + buf * kWgQ;
 
             float s[8][4], dp[8][4];
+            const uint32_t qlo = desc_lo(sQ, kWgHalfQ), dolo = desc_lo(sdO, kWgHalfQ); /* LBO: the N-major uses */
             wg_fence();
-            WgSS64<T, 0, 0>::first(s, desc_sw128(kA, 16, 1024), desc_sw128(sQ, 16, 1024));
+            WgSS64<T, 0, 0>::first(s, desc_of(kAlo, kHi), desc_of(qlo, kHi));
 #pragma unroll
             for (int kk = 1; kk < 8; kk++)
-                WgSS64<T, 0, 0>::run(s, desc_sw128(kA + (kk >> 2) * kWgHalfKV + (kk & 3) * 32, 16, 1024),
-                                     desc_sw128(sQ + (kk >> 2) * kWgHalfQ + (kk & 3) * 32, 16, 1024), 1);
+                WgSS64<T, 0, 0>::run(s, desc_of(kAlo + ((kk >> 2) * kWgHalfKV + (kk & 3) * 32) / 16, kHi),
+                                     desc_of(qlo + ((kk >> 2) * kWgHalfQ + (kk & 3) * 32) / 16, kHi), 1);
             wg_commit();
-            WgSS64<T, 0, 0>::first(dp, desc_sw128(vA, 16, 1024), desc_sw128(sdO, 16, 1024));
+            WgSS64<T, 0, 0>::first(dp, desc_of(vAlo, kHi), desc_of(dolo, kHi));
 #pragma unroll
             for (int kk = 1; kk < 8; kk++)
-                WgSS64<T, 0, 0>::run(dp, desc_sw128(vA + (kk >> 2) * kWgHalfKV + (kk & 3) * 32, 16, 1024),
-                                     desc_sw128(sdO + (kk >> 2) * kWgHalfQ + (kk & 3) * 32, 16, 1024), 1);
+                WgSS64<T, 0, 0>::run(dp, desc_of(vAlo + ((kk >> 2) * kWgHalfKV + (kk & 3) * 32) / 16, kHi),
+                                     desc_of(dolo + ((kk >> 2) * kWgHalfQ + (kk & 3) * 32) / 16, kHi), 1);
             wg_commit();
             wg_wait<1>(); /* S^T done; dP^T may still run */
             wg_reg_fence(s);
@@ -157,16 +163,15 @@ template <typename T> __global__ void __launch_bounds__(kWgThreads, 1) wgmma_den
             __syncthreads(); /* dS^T of both warpgroups visible */
             float dq[8][4];
             wg_fence();
-            WgSS64<T, 1, 1>::first(dq, desc_sw128(sdS, 8192, 1024), desc_sw128(kB, kWgHalfKV, 1024));
+            WgSS64<T, 1, 1>::first(dq, desc_of(dSlo, kHi), desc_of(kBlo, kHi));
 #pragma unroll
             for (int kk = 1; kk < 8; kk++)
-                WgSS64<T, 1, 1>::run(dq, desc_sw128(sdS + kk * 2048, 8192, 1024),
-                                     desc_sw128(kB + kk * 2048, kWgHalfKV, 1024), 1);
+                WgSS64<T, 1, 1>::run(dq, desc_of(dSlo + kk * 128, kHi), desc_of(kBlo + kk * 128, kHi), 1);
             wg_commit();
 #pragma unroll
-            for (int kq = 0; kq < 4; kq++) WgRS128<T, 1>::run(accV, pa[kq], desc_sw128(sdO + kq * 2048, kWgHalfQ, 1024));
+            for (int kq = 0; kq < 4; kq++) WgRS128<T, 1>::run(accV, pa[kq], desc_of(dolo + kq * 128, kHi));
 #pragma unroll
-            for (int kq = 0; kq < 4; kq++) WgRS128<T, 1>::run(accK, da[kq], desc_sw128(sQ + kq * 2048, kWgHalfQ, 1024));
+            for (int kq = 0; kq < 4; kq++) WgRS128<T, 1>::run(accK, da[kq], desc_of(qlo + kq * 128, kHi));
             wg_commit();
             wg_wait<1>(); /* dQ done; dV / dK run on under the atomics */
             wg_reg_fence(dq);

@@ -10,8 +10,9 @@
  * Grid and lists as bwd_sparse.cuh's kernel: one CTA per (128 query rows = one tile of the window's key lists, query
  * head, batch); 256 threads = 2 warpgroups, warpgroup g owns query rows 64 g .. 64 g + 63 (warp w: rows 16 w ..),
  * so the per-warp register layouts are the mma.sync kernel's and its visibility / dbias / write_dq code applies.
- * Per key tile of 64 gathered keys (K and V rows loaded by index, double-buffered one tile ahead, with each row's
- * key index, expiry and bias):
+ * Per key tile of 64 gathered keys (K and V rows loaded by index, double-buffered: the next tile's copy, with each
+ * row's key index, expiry and bias, is issued right after this tile's S / dP products, one barrier per tile before
+ * them and one for P / dS):
  *   S  (64 q x 64 keys) = Q_g K^T            SS wgmma, K-major;  dP = dO_g V^T  the same, overlapping P's math
  *   P (visible: j <= lim_i < expiry[j]), dS = P (dP - Di); dbias column sums by atomics (per-key bias)
  *   P, dS -> shared [q][key] (128-byte rows, swizzled)
@@ -127,38 +128,42 @@ template <typename T> __global__ void __launch_bounds__(kSwThreads, 1) wgmma_spa
     float *dkrow = a.dkacc + ((int64_t)b * a.Hkv + hkv) * a.Sk * a.D;
     float *dvrow = a.dvacc + ((int64_t)b * a.Hkv + hkv) * a.Sk * a.D;
     float *dbrow = a.dbias_mode == DBIAS_ACC_ROWS ? a.dbacc + b * a.acs[0] + (int64_t)(h / a.achdiv) * a.acs[1] : nullptr;
-    /* descriptor bases of this warpgroup's query rows (K-major A of S / dP) */
-    const uint32_t qA = sQ + wg * 64 * 128, doA = sdO + wg * 64 * 128;
+    /* descriptor words (wgmma.cuh): this warpgroup's query rows (K-major A of S / dP), the staged P / dS (M-major A of
+       the key side) and Q / dO (its N-major B, LBO = the stride of the 64-column halves); k steps add constants */
+    constexpr uint32_t kHi = desc_hi(1024);
+    const uint32_t qAlo = desc_lo(sQ + wg * 64 * 128, 16), doAlo = desc_lo(sdO + wg * 64 * 128, 16);
+    const uint32_t kAmlo = desc_lo(wg == 0 ? sP : sdS, 8192), kBnlo = desc_lo(wg == 0 ? sdO : sQ, kSwHalfQ);
 
     float acc[16][4]; /* dQ rows row0 + gid (+8) x 128 */
     zero_acc(acc);
 
     for (int nb = 0; nb < nN; nb++) {
         const int buf = nb & 1;
-        __syncthreads(); /* every warp is done with tile nb - 1 (its K / V buffer, P, dS) */
-        if (nb + 1 < nN) load_kv(nb + 1, buf ^ 1);
-        fdma_cp_async_commit();
-        fdma_cp_async_wait<1>();
+        fdma_cp_async_wait<0>();
         fence_proxy_async();
-        __syncthreads();
+        __syncthreads(); /* tile nb visible; every warp is done with tile nb - 1 (its K / V buffer, P, dS) */
         const int *sI = sIdx + buf * kSwBN, *sEb = sExp + buf * kSwBN;
         const float *sBb = sBv + buf * kSwBN;
         const uint32_t sK = sb + kSwOffK + buf * 2 * kSwHalfK, sV = sb + kSwOffV + buf * 2 * kSwHalfK;
+        const uint32_t klo = desc_lo(sK, kSwHalfK), vlo = desc_lo(sV, kSwHalfK);
 
         float s[8][4], dp[8][4];
         wg_fence();
-        WgSS64<T, 0, 0>::first(s, desc_sw128(qA, 16, 1024), desc_sw128(sK, 16, 1024));
+        WgSS64<T, 0, 0>::first(s, desc_of(qAlo, kHi), desc_of(klo, kHi));
 #pragma unroll
         for (int kk = 1; kk < 8; kk++)
-            WgSS64<T, 0, 0>::run(s, desc_sw128(qA + (kk >> 2) * kSwHalfQ + (kk & 3) * 32, 16, 1024),
-                                 desc_sw128(sK + (kk >> 2) * kSwHalfK + (kk & 3) * 32, 16, 1024), 1);
+            WgSS64<T, 0, 0>::run(s, desc_of(qAlo + ((kk >> 2) * kSwHalfQ + (kk & 3) * 32) / 16, kHi),
+                                 desc_of(klo + ((kk >> 2) * kSwHalfK + (kk & 3) * 32) / 16, kHi), 1);
         wg_commit();
-        WgSS64<T, 0, 0>::first(dp, desc_sw128(doA, 16, 1024), desc_sw128(sV, 16, 1024));
+        WgSS64<T, 0, 0>::first(dp, desc_of(doAlo, kHi), desc_of(vlo, kHi));
 #pragma unroll
         for (int kk = 1; kk < 8; kk++)
-            WgSS64<T, 0, 0>::run(dp, desc_sw128(doA + (kk >> 2) * kSwHalfQ + (kk & 3) * 32, 16, 1024),
-                                 desc_sw128(sV + (kk >> 2) * kSwHalfK + (kk & 3) * 32, 16, 1024), 1);
+            WgSS64<T, 0, 0>::run(dp, desc_of(doAlo + ((kk >> 2) * kSwHalfQ + (kk & 3) * 32) / 16, kHi),
+                                 desc_of(vlo + ((kk >> 2) * kSwHalfK + (kk & 3) * 32) / 16, kHi), 1);
         wg_commit();
+        /* the next tile's rows by index, under the products (its list reads stall only this thread) */
+        if (nb + 1 < nN) load_kv(nb + 1, buf ^ 1);
+        fdma_cp_async_commit();
         wg_wait<1>();
         wg_reg_fence(s);
         /* P from the tile's key data: visible iff row in range, j <= lim < e[j] (causal limit lim = i + Sk - Sq,
@@ -205,18 +210,16 @@ template <typename T> __global__ void __launch_bounds__(kSwThreads, 1) wgmma_spa
         wg_fence();
 #pragma unroll
         for (int kq = 0; kq < 4; kq++) /* dQ += dS K: K [key][d] N-major, 16 keys per k step */
-            WgRS128<T, 1>::run(acc, da[kq], desc_sw128(sK + kq * 2048, kSwHalfK, 1024));
+            WgRS128<T, 1>::run(acc, da[kq], desc_of(klo + kq * 128, kHi));
         wg_commit();
         fence_proxy_async();
         __syncthreads(); /* P and dS of both warpgroups complete */
         float kacc[16][4];
         /* warpgroup 0: dV_t = P^T dO; 1: dK_t = dS^T Q (A [q][key] M-major, B [q][d] N-major, 16 queries a step) */
-        const uint32_t kAm = wg == 0 ? sP : sdS, kBn = wg == 0 ? sdO : sQ;
-        WgSS128<T, 1, 1>::first(kacc, desc_sw128(kAm, 8192, 1024), desc_sw128(kBn, kSwHalfQ, 1024));
+        WgSS128<T, 1, 1>::first(kacc, desc_of(kAmlo, kHi), desc_of(kBnlo, kHi));
 #pragma unroll
         for (int kq = 1; kq < kSwBM / 16; kq++)
-            WgSS128<T, 1, 1>::run(kacc, desc_sw128(kAm + kq * 2048, 8192, 1024),
-                                  desc_sw128(kBn + kq * 2048, kSwHalfQ, 1024));
+            WgSS128<T, 1, 1>::run(kacc, desc_of(kAmlo + kq * 128, kHi), desc_of(kBnlo + kq * 128, kHi));
         wg_commit();
         wg_wait<0>();
         wg_reg_fence(acc);
