@@ -47,6 +47,7 @@
 #ifndef FDMA_CUDA_BWD_COMMON_CUH
 #define FDMA_CUDA_BWD_COMMON_CUH
 
+#include <climits>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -505,6 +506,48 @@ __device__ __forceinline__ void dbias_tile(const Args &a, const float (&ds)[kN][
             const int64_t j = j0 + row0 + (lane >> 2);
             if (j < a.Sk) base[j] += r0;
             if (j + 8 < a.Sk) base[j + 8] += r1;
+        }
+    }
+}
+
+/* The sparse kernels' per-row data of a gathered key tile (row rr of buffer buf, kBN rows): key index j (INT_MAX for
+ * padding, j < 0), its expiry (the window's elist entry at list position pos, else INT_MAX; 0 for padding) and its
+ * bias x log2 e (brow: the bias row of the head, NULL = none). */
+template <typename T, int kBN>
+__device__ __forceinline__ void store_key_meta(const Args &a, int *sIdx, int *sExp, float *sBv, int buf, int rr, int j,
+                                               int pos, const int32_t *elist, const T *brow) {
+    sIdx[buf * kBN + rr] = j >= 0 ? j : INT_MAX;
+    sExp[buf * kBN + rr] = j < 0 ? 0 : elist ? __ldg(elist + pos) : INT_MAX;
+    sBv[buf * kBN + rr] = (brow && j >= 0) ? to_f(brow[(int64_t)j * a.bs[3]]) * 1.4426950408889634f : 0.f;
+}
+
+/* The sparse kernels' accumulator rows of (batch b, query head h, kv head hkv): fp32 dk / dv (B, Hkv, Sk, D) and the
+ * ACC_ROWS dbias partial row (NULL unless that mode). */
+__device__ __forceinline__ void sparse_acc_rows(const Args &a, int b, int h, int hkv, float *&dkrow, float *&dvrow,
+                                                float *&dbrow) {
+    dkrow = a.dkacc + ((int64_t)b * a.Hkv + hkv) * a.Sk * a.D;
+    dvrow = a.dvacc + ((int64_t)b * a.Hkv + hkv) * a.Sk * a.D;
+    dbrow = a.dbias_mode == DBIAS_ACC_ROWS ? a.dbacc + b * a.acs[0] + (int64_t)(h / a.achdiv) * a.acs[1] : nullptr;
+}
+
+/* ACC_ROWS dbias of a query-major tile (the sparse kernels): the column sums of dS (C fragments, this warp's 16
+ * rows x 64 keys) over the warp's rows, added by the lanes with gid 0 to dbrow[key] (kidx: the tile's key indices,
+ * >= Sk for padding; zero sums skipped). */
+__device__ __forceinline__ void dbias_key_sums(const Args &a, const float (&ds)[8][4], float *dbrow, const int *kidx,
+                                               int lane) {
+    const int gid = lane >> 2, t4 = lane & 3;
+#pragma unroll
+    for (int n = 0; n < 8; n++) {
+        float c0 = ds[n][0] + ds[n][2], c1 = ds[n][1] + ds[n][3];
+#pragma unroll
+        for (int o = 4; o < 32; o <<= 1) {
+            c0 += __shfl_xor_sync(0xffffffffu, c0, o);
+            c1 += __shfl_xor_sync(0xffffffffu, c1, o);
+        }
+        if (gid == 0) {
+            const int ja = kidx[n * 8 + 2 * t4], jb = kidx[n * 8 + 2 * t4 + 1];
+            if (ja < a.sk && c0 != 0.f) atomicAdd(dbrow + ja, c0);
+            if (jb < a.sk && c1 != 0.f) atomicAdd(dbrow + jb, c1);
         }
     }
 }

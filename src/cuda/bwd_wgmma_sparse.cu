@@ -112,11 +112,7 @@ template <typename T> __global__ void __launch_bounds__(kSwThreads, 1) wgmma_spa
             const uint32_t off = (cc >> 3) * kSwHalfK + rr * 128 + (((cc & 7) ^ (rr & 7)) << 4);
             fdma_cp_async16_s(dk_ + off, pred ? gk + (int64_t)j * a.ks[1] + cc * 8 : gk, pred ? 16 : 0);
             fdma_cp_async16_s(dv_ + off, pred ? gv + (int64_t)j * a.vs[1] + cc * 8 : gv, pred ? 16 : 0);
-            if (cc == 0) {
-                sIdx[buf * kSwBN + rr] = j >= 0 ? j : INT_MAX;
-                sExp[buf * kSwBN + rr] = j < 0 ? 0 : elist ? __ldg(elist + pos) : INT_MAX;
-                sBv[buf * kSwBN + rr] = (brow && j >= 0) ? to_f(brow[(int64_t)j * a.bs[3]]) * kLog2e : 0.f;
-            }
+            if (cc == 0) store_key_meta<T, kSwBN>(a, sIdx, sExp, sBv, buf, rr, j, pos, elist, brow);
         }
     };
     if (nN > 0) load_kv(0, 0);
@@ -125,9 +121,8 @@ template <typename T> __global__ void __launch_bounds__(kSwThreads, 1) wgmma_spa
     float lse_r[2], di_r[2];
     row_stats(a, b, h, i0 + row0 + gid, lse_r, di_r);
     const float lse2[2] = {lse_r[0] * kLog2e, lse_r[1] * kLog2e}, scale2 = a.scale * kLog2e;
-    float *dkrow = a.dkacc + ((int64_t)b * a.Hkv + hkv) * a.Sk * a.D;
-    float *dvrow = a.dvacc + ((int64_t)b * a.Hkv + hkv) * a.Sk * a.D;
-    float *dbrow = a.dbias_mode == DBIAS_ACC_ROWS ? a.dbacc + b * a.acs[0] + (int64_t)(h / a.achdiv) * a.acs[1] : nullptr;
+    float *dkrow, *dvrow, *dbrow;
+    sparse_acc_rows(a, b, h, hkv, dkrow, dvrow, dbrow);
     /* descriptor words (wgmma.cuh): this warpgroup's query rows (K-major A of S / dP), the staged P / dS (M-major A of
        the key side) and Q / dO (its N-major B, LBO = the stride of the 64-column halves); k steps add constants */
     constexpr uint32_t kHi = desc_hi(1024);
@@ -188,22 +183,7 @@ template <typename T> __global__ void __launch_bounds__(kSwThreads, 1) wgmma_spa
         for (int n = 0; n < 8; n++)
 #pragma unroll
             for (int e = 0; e < 4; e++) dp[n][e] = s[n][e] * (dp[n][e] - di_r[e >> 1]);
-        if (dbrow) { /* column sums of dS over this warp's 16 rows */
-#pragma unroll
-            for (int n = 0; n < 8; n++) {
-                float c0 = dp[n][0] + dp[n][2], c1 = dp[n][1] + dp[n][3];
-#pragma unroll
-                for (int o = 4; o < 32; o <<= 1) {
-                    c0 += __shfl_xor_sync(0xffffffffu, c0, o);
-                    c1 += __shfl_xor_sync(0xffffffffu, c1, o);
-                }
-                if (gid == 0) {
-                    const int ja = sI[n * 8 + 2 * t4], jb = sI[n * 8 + 2 * t4 + 1];
-                    if (ja < a.sk && c0 != 0.f) atomicAdd(dbrow + ja, c0);
-                    if (jb < a.sk && c1 != 0.f) atomicAdd(dbrow + jb, c1);
-                }
-            }
-        }
+        if (dbrow) dbias_key_sums(a, dp, dbrow, sI, lane);
         store_ptile<T>(smem + kSwOffdS, dp, row0, lane);
         uint32_t da[4][4];
         to_afrag<T, 8>(da, dp, [](int, int) { return 1.f; });
