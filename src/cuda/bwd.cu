@@ -9,7 +9,8 @@
  *   0. top-k window     the selection (window.cuh): the keep mask, or the SPARSE expiry and key lists
  *   3. dkdv kernel      dk, dv (or per-query-head fp32 partials), dbias, dq atomics (bwd_common.cuh; the calls
  *                       without dropout, softcap or window in the default mode: bwd_dense.cuh's one-pass kernel;
- *                       the plain ones at D in (64, 128] on a 9.0 device: bwd_wgmma.cu's wgmma kernel, plan "_wgmma")
+ *                       at D in (64, 128] on a 9.0 device, without a per-key bias or a per-element mask: bwd_wgmma.cu's
+ *                       wgmma kernel, plan suffix "_wgmma")
  *      dq kernel        deterministic mode only: dq rows owned by one CTA each
  *      sparse kernel    instead of both, for a SPARSE window in the default mode (D <= 128): query tiles over their gathered
  *                       keys, dq in registers, dk/dv/dbias by fp32 atomics (O(Sq * w) work); at D in (64, 128]
@@ -52,8 +53,8 @@ struct Config {
                          CTA per query head for ACC dbias too: atomics instead of owner loops) */
     int key_bias;     /* a bias whose rows broadcast (dim 2 == 1): the dense kernel's KEY-BIAS instantiations */
     int smask;        /* the dense kernel stages the mask in shared memory (dense_mask_staged) */
-    int wgmma;        /* Dp = 128 on a 9.0 device: a plain dense call (no mask, no bias) runs bwd_wgmma.cu's kernel, a
-                         sparse one without dropout or softcap bwd_wgmma_sparse.cu's */
+    int wgmma;        /* Dp = 128 on a 9.0 device: a dense call without a per-key bias or a per-element mask runs
+                         bwd_wgmma.cu's kernel, a sparse one without dropout or softcap bwd_wgmma_sparse.cu's */
     int64_t Skp;      /* dbias accumulator row pitch: Sk rounded up to a multiple of 4 */
     size_t off_gl, off_di, off_dq, off_dk, off_dv, off_db, total;
 };
@@ -130,8 +131,10 @@ static void make_config(const fdma_params *p, int sparse_window, Config *c) {
     c->dense = !sparse && dense_eligible(c->Dp, p->deterministic, p->p_drop > 0.f, p->softcap, sparse_window != 0,
                                         bias_form);
     c->smask = c->dense && dense_mask_staged((const uint8_t *)p->mask.ptr, ms);
-    c->wgmma = ((c->dense && !p->mask.ptr && !p->bias.ptr) || (sparse && !(p->p_drop > 0.f) && !(p->softcap > 0.f))) &&
-               c->Dp == 128 && wgmma_available();
+    /* wgmma: the dense calls with no bias or a full bias with 16-byte rows and no mask or a staged one; the sparse calls
+       without dropout or softcap */
+    const int dense_wg = c->dense && bias_form != DENSE_BIAS_KEY && (!p->mask.ptr || c->smask);
+    c->wgmma = (dense_wg || (sparse && !(p->p_drop > 0.f) && !(p->softcap > 0.f))) && c->Dp == 128 && wgmma_available();
     /* ACC in the dkdv kernel: each accumulator element has one owner thread, so one CTA loops over the batches and
        kv heads that share it (every query head of a kv head, or all heads, in one CTA). The dense kernel adds with
        atomics instead and keeps a CTA per query head. */
@@ -467,9 +470,8 @@ extern "C" fdma_status fdma_cuda_bwd_plan(const fdma_params *p, fdma_plan *plan)
              : !c.dense       ? ""
              : c.key_bias     ? (c.smask ? "_dense_kbias_smask" : "_dense_kbias")
              : c.smask        ? "_dense_smask"
-             : c.wgmma        ? "_dense_wgmma"
                               : "_dense",
-             c.wgmma && c.sparse ? "_wgmma" : "", c.per_head ? "_gqasplit" : "");
+             c.wgmma ? "_wgmma" : "", c.per_head ? "_gqasplit" : "");
     plan->workspace_bytes = w.bytes + c.total;
     plan->variant = c.Dp;
     plan->flags = c.dbias_mode;

@@ -106,7 +106,7 @@ struct Args {
     const uint64_t *rng_state; /* NULL = seed/offset; else device {seed, offset}, read by keep_bits (graphs) */
     int b_per_cta, hkv_per_cta, hph; /* CTA ownership: batches, kv heads, query heads per kv head; hph == 1
                                         with g > 1 means one CTA per query head (grid.y = H) */
-    int wgmma; /* kDp = 128 on a 9.0 device: bwd_wgmma.cu's (plain dense) or bwd_wgmma_sparse.cu's kernel runs */
+    int wgmma; /* kDp = 128 on a 9.0 device: bwd_wgmma.cu's (dense) or bwd_wgmma_sparse.cu's kernel runs (bwd.cu) */
 };
 
 /* ---- PTX wrappers ------------------------------------------------------------------------------------- */
@@ -919,8 +919,8 @@ cudaError_t launch_d256(const Args &a, int bf16, int deterministic, dim3 grid, c
 
 constexpr int key_block(int dp) { return dp > 128 ? 64 : 128; }
 
-/* bwd_wgmma.cu (sm_90a object, present when FDMA_HAVE_WGMMA is defined): the plain dense kernel on wgmma, kDp = 128,
- * the dense kernel's grid. */
+/* bwd_wgmma.cu (sm_90a object, present when FDMA_HAVE_WGMMA is defined): the dense kernel on wgmma, kDp = 128, no bias
+ * or a full one with 16-byte rows, no mask or a staged one; the dense kernel's grid. */
 cudaError_t launch_wgmma_d128(const Args &a, int bf16, dim3 grid, cudaStream_t st);
 /* bwd_wgmma_sparse.cu (the same object): the sparse kernel on wgmma, kDp = 128, no dropout / softcap. */
 cudaError_t launch_wgmma_sparse_d128(const Args &a, int bf16, cudaStream_t st);

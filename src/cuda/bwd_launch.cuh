@@ -1,8 +1,8 @@
 /*
  * bwd_launch.cuh -- per-head-dim launchers of the backward kernels (bwd_d64.cu, bwd_d128.cu, bwd_d256.cu
  * instantiate launch_dp): the sparse kernel for gathered key lists; else the dense one-pass kernel (bwd_dense.cuh)
- * for the calls dense_eligible accepts (bwd_wgmma.cu's kernel for the plain ones at kDp = 128 where the plan chose
- * it: Args::wgmma); else the dkdv kernel (plus the dq kernel when deterministic).
+ * for the calls dense_eligible accepts (bwd_wgmma.cu's kernel at kDp = 128 where the plan chose it: Args::wgmma);
+ * else the dkdv kernel (plus the dq kernel when deterministic).
  */
 #ifndef FDMA_CUDA_BWD_LAUNCH_CUH
 #define FDMA_CUDA_BWD_LAUNCH_CUH

@@ -1,9 +1,13 @@
 /*
- * bwd_wgmma.cu -- the dense backward on Hopper's warpgroup MMA (wgmma, sm_90a): the plain calls of bwd_dense.cuh's
- * one-pass kernel (head dim padded to 128, no mask, no bias, default atomic-dq mode; causal or not, any Sq / Sk, GQA)
- * when the device is compute capability 9.0 exactly. Built for sm_90a only (CMakeLists.txt: its own object library;
- * bench/gpu_run.sh likewise), so this translation unit holds no code for any other device; bwd.cu's plan picks it
- * (the "_wgmma" plan name) only where that code can run, and FDMA_BWD_WGMMA=0 in the environment turns it off.
+ * bwd_wgmma.cu -- the dense backward on Hopper's warpgroup MMA (wgmma, sm_90a): the calls of bwd_dense.cuh's one-pass
+ * kernel with head dim padded to 128, no per-key bias and no per-element mask (default atomic-dq mode; causal or not,
+ * any Sq / Sk, GQA; kFeat: DENSE_BIAS, a full bias with 16-byte rows, and DENSE_SMASK, a staged mask, as in
+ * bwd_dense.cuh: the kBM x 128 bias / mask tiles staged with Q / dO by its load_stage_tile, the mask folded into the
+ * bias tile by fold_mask_tile before the publishing barrier, which also decides the all-False skip; dbias DIRECT or
+ * ACC from the staged dS^T tile) when the device is compute capability 9.0 exactly. Built for sm_90a only
+ * (CMakeLists.txt: its own object library; bench/gpu_run.sh likewise), so this translation unit holds no code for any
+ * other device; bwd.cu's plan picks it ("_wgmma" ends the plan name) only where that code can run, and
+ * FDMA_BWD_WGMMA=0 in the environment turns it off.
  *
  * Shapes as in bwd_common.cuh: q, dout (B, Sq, H, D); k, v, dk, dv (B, Sk, Hkv, D); lse, Di (B, H, Sq) fp32; dqacc
  * (B, Sq, H, D) fp32 (atomics; bwd.cu scales and converts it).
@@ -24,8 +28,9 @@
  * Shared memory (every tile 1024-byte aligned, 128-byte swizzle, see wgmma.cuh), 145 KB: K, V [2 column halves][128
  * keys][64] (32 KB each); Q, dO [2 buffers][2 halves][64 rows][64] (32 KB each; cp.async double-buffered, the next
  * tile's copy issued right after the barrier that publishes the current one); dS^T [128 keys][64 q] (16 KB); lse, Di
- * [2][64] fp32. 2 barriers per step: the publishing one (it also frees the other buffer and dS^T), and the one that
- * publishes dS^T for dQ.
+ * [2][64] fp32; DENSE_BIAS / DENSE_SMASK: + the bias tile [2][64][kBiasPitch] (34 KB), + the mask [2][64][128] (16
+ * KB). 2 barriers per step: the publishing one (it also frees the other buffer and dS^T), and the one that publishes
+ * dS^T for dQ.
  */
 #include "bwd_dense.cuh"
 #include "wgmma.cuh"
@@ -42,7 +47,60 @@ constexpr uint32_t kWgHalfQ = kWgBM * 128;
 constexpr uint32_t kWgOffV = kWgKV, kWgOffQ = 2 * kWgKV, kWgOffdO = kWgOffQ + kWgBufs * kWgQ;
 constexpr uint32_t kWgOffdS = kWgOffdO + kWgBufs * kWgQ;
 constexpr uint32_t kWgOffLse = kWgOffdS + kWgBN * 128, kWgOffDi = kWgOffLse + kWgBufs * kWgBM * 4;
-constexpr uint32_t kWgSmem = kWgOffDi + kWgBufs * kWgBM * 4 + 1024; /* + 1024: the base is aligned up at run time */
+constexpr uint32_t kWgOffBias = kWgOffDi + kWgBufs * kWgBM * 4;            /* [bufs][64 q][kBiasPitch] T */
+constexpr uint32_t kWgBiasBytes = kWgBufs * kWgBM * kBiasPitch * 2;
+constexpr uint32_t kWgOffMask = kWgOffBias + kWgBiasBytes;                  /* [bufs][64 q][128 keys] bytes */
+constexpr uint32_t kWgMaskBytes = kWgBufs * kWgBM * kWgBN;
+/* shared memory of an instantiation (+ 1024: the base is aligned up at run time) */
+constexpr uint32_t wg_smem_bytes(int feat) {
+    return (feat & DENSE_SMASK ? kWgOffMask + kWgMaskBytes : feat & DENSE_BIAS ? kWgOffMask : kWgOffBias) + 1024;
+}
+
+/* DIRECT dbias of a step from the staged dS^T tile ([key][64 q], 128-byte swizzled rows, T): thread x writes keys
+ * x % 32 + 32 k of query rows x / 32 + 8 r (coalesced for a key-contiguous dbias). */
+template <typename T>
+__device__ __forceinline__ void wg_dbias_direct(const Args &a, const unsigned char *sdS, int b, int h, int64_t i0,
+                                                int64_t n0) {
+    const int jl0 = threadIdx.x & 31;
+#pragma unroll 1
+    for (int il = threadIdx.x >> 5; il < kWgBM && i0 + il < a.Sq; il += kWgThreads / 32) {
+        T *row = (T *)a.dbias + b * a.dbs[0] + (int64_t)h * a.dbs[1] + (i0 + il) * a.dbs[2];
+#pragma unroll
+        for (int k = 0; k < kWgBN / 32; k++) {
+            const int jl = jl0 + 32 * k;
+            const T *e = reinterpret_cast<const T *>(sdS + jl * 128 + (((il >> 3) ^ (jl & 7)) << 4)) + (il & 7);
+            if (n0 + jl < a.Sk) row[(n0 + jl) * a.dbs[3]] = *e;
+        }
+    }
+}
+
+/* ACC dbias of a step from the staged dS^T tile (as above) by 16-byte reductions into the fp32 accumulator: lane l
+ * of a warp takes query rows 2l, 2l + 1 (one 32-bit word of the tile per key) and keys 4q .. 4q + 3, q = warp,
+ * warp + 8, ...; groups that are all 0 (masked, causal) are skipped (bwd_dense.cuh's dbias_red_sds, this layout). */
+template <typename T>
+__device__ __forceinline__ void wg_dbias_acc(const Args &a, const unsigned char *sdS, int b, int h, int64_t i0,
+                                             int64_t n0) {
+    const int lane = threadIdx.x & 31;
+    const int64_t i = i0 + 2 * lane;
+    float *row = a.dbacc + b * a.acs[0] + (int64_t)(h / a.achdiv) * a.acs[1] + i * a.acs[2] + n0;
+#pragma unroll 1
+    for (int q = threadIdx.x >> 5; q < kWgBN / 4 && n0 + 4 * q < a.Sk; q += kWgThreads / 32) {
+        float lo[4], hi[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int key = 4 * q + e;
+            const uint32_t w = *reinterpret_cast<const uint32_t *>(sdS + key * 128 + (((lane >> 2) ^ (key & 7)) << 4) +
+                                                                   4 * (lane & 3));
+            const float2 f = pair_f2<T>(w);
+            lo[e] = f.x;
+            hi[e] = f.y;
+        }
+        if (i < a.Sq && (lo[0] != 0.f || lo[1] != 0.f || lo[2] != 0.f || lo[3] != 0.f))
+            red_add_f32x4(row + 4 * q, make_float4(lo[0], lo[1], lo[2], lo[3]));
+        if (i + 1 < a.Sq && (hi[0] != 0.f || hi[1] != 0.f || hi[2] != 0.f || hi[3] != 0.f))
+            red_add_f32x4(row + a.acs[2] + 4 * q, make_float4(hi[0], hi[1], hi[2], hi[3]));
+    }
+}
 
 /* Query rows [i0, i0 + 64) of head h into buffer buf: Q, dO (zeros past Sq), lse, Di. */
 template <typename T>
@@ -61,13 +119,17 @@ __device__ __forceinline__ void wg_load_q(const Args &a, uint32_t sb, float *sLs
     else if (threadIdx.x < 2 * kWgBM) cp_async4(sDi + buf * kWgBM + r, ok ? a.Di + off : a.Di, ok);
 }
 
-template <typename T> __global__ void __launch_bounds__(kWgThreads, 1) wgmma_dense_kernel(const Args a) {
+template <typename T, int kFeat>
+__global__ void __launch_bounds__(kWgThreads, 1) wgmma_dense_kernel(const Args a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr bool kBias = (kFeat & DENSE_BIAS) != 0, kSMask = (kFeat & DENSE_SMASK) != 0, kTile = kBias || kSMask;
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     const uint32_t raw = fdma_smem_u32(smem_raw);
     const uint32_t sb = (raw + 1023u) & ~1023u;
     unsigned char *smem = smem_raw + (sb - raw);
     float *sLse = reinterpret_cast<float *>(smem + kWgOffLse), *sDi = reinterpret_cast<float *>(smem + kWgOffDi);
+    T *sBias = reinterpret_cast<T *>(smem + kWgOffBias);  /* kTile: the staged bias tile (mask folded in) */
+    uint8_t *sMask = smem + kWgOffMask;                    /* kSMask: the staged mask bytes */
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wg = warp >> 2, row0 = warp * 16;
     const int gid = lane >> 2, t4 = lane & 3, wl = warp & 3;
     const int64_t n0 = (int64_t)blockIdx.x * kWgBN;
@@ -85,13 +147,27 @@ template <typename T> __global__ void __launch_bounds__(kWgThreads, 1) wgmma_den
     const uint32_t kAlo = desc_lo(kA, 16), vAlo = desc_lo(vA, 16), kBlo = desc_lo(kB, kWgHalfKV);
     const uint32_t dSlo = desc_lo(sdS, 8192);
 
+    /* DIRECT dbias: zeros for the query rows that no query block of this key block visits (causal), before the main
+       loop (where the accumulators leave no registers for it) */
+    if (kBias && a.dbias_mode == DBIAS_DIRECT && m_first > 0)
+        for_each_unit(a, [&](int b, int hkv, int h_lo, int nh) {
+#pragma unroll 1
+            for (int h = h_lo; h < h_lo + nh; h++)
+                dbias_zero<T, kWgBN, kWgThreads>(a, b, h, 0, (int64_t)m_first * kWgBM, n0);
+        });
     for_each_unit(a, [&](int b, int hkv, int h_lo, int nh) {
         __syncthreads(); /* the previous unit is done with shared memory */
         wg_load_rows<T, kWgBN, kWgThreads>(sK, (const T *)a.k + b * a.ks[0] + (int64_t)hkv * a.ks[2] + n0 * a.ks[1],
                                            a.ks[1], a.Sk - n0, a.D);
         wg_load_rows<T, kWgBN, kWgThreads>(sV, (const T *)a.v + b * a.vs[0] + (int64_t)hkv * a.vs[2] + n0 * a.vs[1],
                                            a.vs[1], a.Sk - n0, a.D);
-        if (nm > 0) wg_load_q<T>(a, sb, sLse, sDi, b, h_lo, (int64_t)m_first * kWgBM, 0);
+        auto load_tile = [&](int h, int64_t i0, int buf) {
+            wg_load_q<T>(a, sb, sLse, sDi, b, h, i0, buf);
+            if (kTile)
+                load_stage_tile<T, kWgBM, kWgThreads, kSMask, kBias>(a, sMask + buf * kWgBM * kWgBN,
+                                                                     sBias + buf * kWgBM * kBiasPitch, b, h, i0, n0);
+        };
+        if (nm > 0) load_tile(h_lo, (int64_t)m_first * kWgBM, 0);
         fdma_cp_async_commit();
         float accV[16][4], accK[16][4];
         zero_acc(accV);
@@ -106,10 +182,22 @@ template <typename T> __global__ void __launch_bounds__(kWgThreads, 1) wgmma_den
             }
             fdma_cp_async_wait<0>();
             fence_proxy_async();
-            __syncthreads(); /* tile (h, m) visible; the other buffer and dS^T free */
-            if (hn < h_end) wg_load_q<T>(a, sb, sLse, sDi, b, hn, (int64_t)mn * kWgBM, buf == kWgBufs - 1 ? 0 : buf + 1);
+            /* tile (h, m) visible; the other buffer and dS^T free. kSMask: each thread first folds the mask chunks it
+               copied into the bias tile, and the barrier tells whether any is True */
+            bool live = true;
+            if constexpr (kSMask)
+                live = __syncthreads_or(fold_mask_tile<T, kWgBM, kWgThreads, kBias>(sMask + buf * kWgBM * kWgBN,
+                                                                                   sBias + buf * kWgBM * kBiasPitch));
+            else
+                __syncthreads();
+            if (hn < h_end) load_tile(hn, (int64_t)mn * kWgBM, buf == kWgBufs - 1 ? 0 : buf + 1);
             fdma_cp_async_commit();
             const int64_t i0 = (int64_t)m * kWgBM;
+            if (!live) { /* an all-False mask tile */
+                if (kBias && a.dbias_mode == DBIAS_DIRECT)
+                    dbias_zero<T, kWgBN, kWgThreads>(a, b, h, i0, i0 + kWgBM, n0);
+                continue;
+            }
             const uint32_t sQ = sb + kWgOffQ + buf * kWgQ, sdO = sb + kWgOffdO + buf * kWgQ;
 
             float s[8][4], dp[8][4];
@@ -136,8 +224,9 @@ template <typename T> __global__ void __launch_bounds__(kWgThreads, 1) wgmma_den
             if (test) vis = visible_bits<true, 8, false, false>(a, b, h, i0, n0, row0, lane);
             const float kb[2] = {0.f, 0.f};
             const float *lse_s = sLse + buf * kWgBM;
-            if (test) dense_p<T, 8, false, false, true>(a, s, vis, lse_s, (const T *)nullptr, kb, lane);
-            else dense_p<T, 8, false, false, false>(a, s, vis, lse_s, (const T *)nullptr, kb, lane);
+            const T *sbt = sBias + buf * kWgBM * kBiasPitch + row0;
+            if (test) dense_p<T, 8, kTile, false, true>(a, s, vis, lse_s, sbt, kb, lane);
+            else dense_p<T, 8, kTile, false, false>(a, s, vis, lse_s, sbt, kb, lane);
             uint32_t ph[4][4], pa[4][4], da[4][4];
             to_afrag<__half, 8>(ph, s, [](int, int) { return 1.f; });
             to_afrag<T, 8>(pa, s, [](int, int) { return 1.f; });
@@ -188,6 +277,8 @@ template <typename T> __global__ void __launch_bounds__(kWgThreads, 1) wgmma_den
                 const int d = 64 * wg + 8 * n + 4 * (t4 >> 1);
                 if (iq < a.Sq && d < a.D) red_add_f32x4(dqrow + iq * a.H * a.D + d, v);
             }
+            if (kBias && a.dbias_mode == DBIAS_DIRECT) wg_dbias_direct<T>(a, smem + kWgOffdS, b, h, i0, n0);
+            if (kBias && a.dbias_mode == DBIAS_ACC) wg_dbias_acc<T>(a, smem + kWgOffdS, b, h, i0, n0);
             /* dV / dK done before the step ends (a product still in flight across the loop's back edge makes ptxas
                serialize every wgmma: C7515) */
             wg_wait<0>();
@@ -203,9 +294,20 @@ template <typename T> __global__ void __launch_bounds__(kWgThreads, 1) wgmma_den
 #endif
 }
 
+template <typename T, int kFeat> static cudaError_t launch_wg(const Args &a, dim3 grid, cudaStream_t st) {
+    return launch_smem(wgmma_dense_kernel<T, kFeat>, grid, kWgThreads, wg_smem_bytes(kFeat), st, a);
+}
+
+template <typename T> static cudaError_t launch_wg_t(const Args &a, dim3 grid, cudaStream_t st) {
+    const bool bias = dense_bias_form(a.bias, a.bs, a.dbias_mode, a.Sq) == DENSE_BIAS_ROWS16, smask = a.mask != nullptr;
+    if (bias) return smask ? launch_wg<T, DENSE_BIAS | DENSE_SMASK>(a, grid, st) : launch_wg<T, DENSE_BIAS>(a, grid, st);
+    return smask ? launch_wg<T, DENSE_SMASK>(a, grid, st) : launch_wg<T, 0>(a, grid, st);
+}
+
+/* bwd.cu's plan sends only the calls its wgmma test accepts: no bias or a full one with 16-byte rows, no mask or a
+ * staged one (dense_mask_staged). */
 cudaError_t launch_wgmma_d128(const Args &a, int bf16, dim3 grid, cudaStream_t st) {
-    return bf16 ? launch_smem(wgmma_dense_kernel<__nv_bfloat16>, grid, kWgThreads, kWgSmem, st, a)
-                : launch_smem(wgmma_dense_kernel<__half>, grid, kWgThreads, kWgSmem, st, a);
+    return bf16 ? launch_wg_t<__nv_bfloat16>(a, grid, st) : launch_wg_t<__half>(a, grid, st);
 }
 
 } /* namespace fdma_bwdk */
