@@ -203,17 +203,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_dense_kernel(const Args a
             float s[8][4], dp[8][4];
             const uint32_t qlo = desc_lo(sQ, kWgHalfQ), dolo = desc_lo(sdO, kWgHalfQ); /* LBO: the N-major uses */
             wg_fence();
-            WgSS64<T, 0, 0>::first(s, desc_of(kAlo, kHi), desc_of(qlo, kHi));
-#pragma unroll
-            for (int kk = 1; kk < 8; kk++)
-                WgSS64<T, 0, 0>::run(s, desc_of(kAlo + ((kk >> 2) * kWgHalfKV + (kk & 3) * 32) / 16, kHi),
-                                     desc_of(qlo + ((kk >> 2) * kWgHalfQ + (kk & 3) * 32) / 16, kHi), 1);
+            wg_ss64_k128<T>(s, kAlo, kWgHalfKV, qlo, kWgHalfQ, kHi);
             wg_commit();
-            WgSS64<T, 0, 0>::first(dp, desc_of(vAlo, kHi), desc_of(dolo, kHi));
-#pragma unroll
-            for (int kk = 1; kk < 8; kk++)
-                WgSS64<T, 0, 0>::run(dp, desc_of(vAlo + ((kk >> 2) * kWgHalfKV + (kk & 3) * 32) / 16, kHi),
-                                     desc_of(dolo + ((kk >> 2) * kWgHalfQ + (kk & 3) * 32) / 16, kHi), 1);
+            wg_ss64_k128<T>(dp, vAlo, kWgHalfKV, dolo, kWgHalfQ, kHi);
             wg_commit();
             wg_wait<1>(); /* S^T done; dP^T may still run */
             wg_reg_fence(s);

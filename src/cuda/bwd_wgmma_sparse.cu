@@ -144,17 +144,9 @@ template <typename T> __global__ void __launch_bounds__(kSwThreads, 1) wgmma_spa
 
         float s[8][4], dp[8][4];
         wg_fence();
-        WgSS64<T, 0, 0>::first(s, desc_of(qAlo, kHi), desc_of(klo, kHi));
-#pragma unroll
-        for (int kk = 1; kk < 8; kk++)
-            WgSS64<T, 0, 0>::run(s, desc_of(qAlo + ((kk >> 2) * kSwHalfQ + (kk & 3) * 32) / 16, kHi),
-                                 desc_of(klo + ((kk >> 2) * kSwHalfK + (kk & 3) * 32) / 16, kHi), 1);
+        wg_ss64_k128<T>(s, qAlo, kSwHalfQ, klo, kSwHalfK, kHi);
         wg_commit();
-        WgSS64<T, 0, 0>::first(dp, desc_of(doAlo, kHi), desc_of(vlo, kHi));
-#pragma unroll
-        for (int kk = 1; kk < 8; kk++)
-            WgSS64<T, 0, 0>::run(dp, desc_of(doAlo + ((kk >> 2) * kSwHalfQ + (kk & 3) * 32) / 16, kHi),
-                                 desc_of(vlo + ((kk >> 2) * kSwHalfK + (kk & 3) * 32) / 16, kHi), 1);
+        wg_ss64_k128<T>(dp, doAlo, kSwHalfQ, vlo, kSwHalfK, kHi);
         wg_commit();
         /* the next tile's rows by index, under the products (its list reads stall only this thread) */
         if (nb + 1 < nN) load_kv(nb + 1, buf ^ 1);

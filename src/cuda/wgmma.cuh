@@ -7,6 +7,7 @@
  *   WgSS64<T, kTA, kTB>::first(d, descA, descB)          d = A B with d write-only (the first k step of a product)
  *   WgSS128<T, kTA, kTB>::first / run(d, descA, descB)   d (64 x 128) = / += A (64 x 16) B (16 x 128)
  *   WgRS128<T, kTB>::run(d, a, descB)                    d (64 x 128) += A (64 x 16, registers) B (16 x 128)
+ *   wg_ss64_k128<T>(d, ...)                              d (64 x 64) = A B^T over k = 128, K-major tiles
  * T is __nv_bfloat16 or __half. kTA / kTB = 0: the operand is K-major in shared memory (A [m][k], B [n][k], k
  * contiguous); 1: M- / N-major (A [k][m], B [k][n]).
  *
@@ -162,6 +163,19 @@ __device__ __forceinline__ void wg_load_rows(uint32_t s, const T *g, int64_t rs,
 
 FDMA_WG_OPS(__nv_bfloat16, "bf16")
 FDMA_WG_OPS(__half, "f16")
+
+/* d (64 x 64) = A B^T over k = 128: A and B K-major [2 column halves][rows][64] tiles (descriptor lo words alo, blo;
+ * a_half, b_half: bytes from one half to the other; hi: desc_hi(1024)); 8 k steps, the first write-only. The caller
+ * fences before and commits after. */
+template <typename T>
+__device__ __forceinline__ void wg_ss64_k128(float (&d)[8][4], uint32_t alo, uint32_t a_half, uint32_t blo,
+                                             uint32_t b_half, uint32_t hi) {
+    WgSS64<T, 0, 0>::first(d, desc_of(alo, hi), desc_of(blo, hi));
+#pragma unroll
+    for (int kk = 1; kk < 8; kk++)
+        WgSS64<T, 0, 0>::run(d, desc_of(alo + ((kk >> 2) * a_half + (kk & 3) * 32) / 16, hi),
+                             desc_of(blo + ((kk >> 2) * b_half + (kk & 3) * 32) / 16, hi), 1);
+}
 
 } /* namespace fdma_wg */
 

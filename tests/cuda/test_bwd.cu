@@ -273,6 +273,9 @@ template <typename V> static V *dalloc(size_t n) {
     return p;
 }
 
+static int g_wgmma_runs = 0;        /* cases whose plan ran a wgmma kernel */
+static bool g_expect_no_wgmma = false; /* set for the FDMA_BWD_WGMMA=0 re-run */
+
 static int run_case(const Case &c, int *n_fail) {
     const int bf16 = c.bf16, B = c.B, H = c.H, Hkv = c.Hkv, Sq = c.Sq, Sk = c.Sk, D = c.D;
     const int Dq = D + (c.qpad ? 8 : 0); /* q and dq rows padded: non-contiguous head/seq strides */
@@ -470,6 +473,13 @@ static int run_case(const Case &c, int *n_fail) {
         rel[x] = E[x].maxerr / std::max(E[x].maxref, 1e-30);
         if (E[x].maxref == 0) rel[x] = E[x].maxerr;
         if (E[x].nan || rel[x] > tol) ok = 0;
+    }
+    /* which kernel ran: the FDMA_BWD_WGMMA=0 re-run must not reach the wgmma kernels (else it tests nothing new) */
+    const bool wg = strstr(plan.name, "_wgmma") != nullptr;
+    g_wgmma_runs += wg;
+    if (wg && g_expect_no_wgmma) {
+        printf("FAIL %-28s plan %s with FDMA_BWD_WGMMA=0\n", c.name, plan.name);
+        ok = 0;
     }
     printf("%s %-30s %-40s dq %.2e dk %.2e dv %.2e dbias %.2e  nan %ld/%ld/%ld/%ld%s", ok ? "ok  " : "FAIL", c.name,
            plan.name, rel[0], rel[1], rel[2], has_db ? rel[3] : 0.0, E[0].nan, E[1].nan, E[2].nan, E[3].nan,
@@ -709,13 +719,30 @@ int main(int argc, char **argv) {
         for (const Case &c : all) { run_case(c, &n_fail); n++; }
     }
     /* the D in (64, 128] cases once more on the mma.sync kernels (the wgmma ones are the default on 9.0) */
+    /* a 9.0 device must have run the wgmma kernels in the pass above (the plain D128 cases are theirs) when the
+       build has them (bench/gpu_run.sh defines FDMA_HAVE_WGMMA for every object) */
+#ifdef FDMA_HAVE_WGMMA
+    const bool have_wgmma = true;
+#else
+    const bool have_wgmma = false;
+#endif
+    int dev = 0, major = 0, minor = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+    if (!small && have_wgmma && major == 9 && minor == 0 && g_wgmma_runs == 0) {
+        printf("FAIL no case ran a wgmma kernel on this compute capability 9.0 device\n");
+        n_fail++;
+    }
     setenv("FDMA_BWD_WGMMA", "0", 1);
+    g_expect_no_wgmma = true;
     for (const Case &c : all)
         if (!small && c.D > 64 && c.D <= 128 && !c.det && c.p_drop == 0.f && c.softcap == 0.f) {
             run_case(c, &n_fail);
             n++;
         }
     unsetenv("FDMA_BWD_WGMMA");
+    g_expect_no_wgmma = false;
     printf("%d/%d cases passed\n", n - n_fail, n);
     return n_fail ? 1 : 0;
 }
