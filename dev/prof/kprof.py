@@ -1,7 +1,8 @@
 """kprof.py -- per-kernel GPU time of one fdma call under torch.profiler (dev tool, not a test).
 
     python dev/prof/kprof.py                   W1c, W1 and dense at Sk = 16K, forward + backward
-    python dev/prof/kprof.py w2@4096 w2nb@16384  cases as NAME[@Sk]: w1c, w1, dense, w2 (full bias (B, Hkv, Sq, Sk)
+    python dev/prof/kprof.py w2@4096 w2nb@16384  cases as NAME[@Sk]: w1c, w1 (non-causal), w1k (W1 causal: bench.py's
+                                               W1), dense, w2 (full bias (B, Hkv, Sq, Sk)
                                                with its dbias and the per-row causal top-w mask), w2nb (the same,
                                                the bias without grad)
 B=1, H=16, Hkv=4, D=128, bf16, w=1024.
@@ -25,11 +26,11 @@ def case(name, Sk):
     k = torch.randn(B, Sk, Hkv, D, device=dev, dtype=dt, generator=g).requires_grad_()
     v = torch.randn(B, Sk, Hkv, D, device=dev, dtype=dt, generator=g).requires_grad_()
     b = m = w = None
-    if name in ("w1c", "w1"):
+    if name in ("w1c", "w1", "w1k"):
         b = torch.randn(B, Hkv, 1, Sk, device=dev, dtype=dt, generator=g).requires_grad_()
     if name == "w1c":
         w = W
-    if name == "w1":
+    if name in ("w1", "w1k"):
         sel = torch.randn(B, Hkv, 1, Sk, device=dev, generator=g).topk(W, dim=-1).indices
         m = torch.zeros(B, Hkv, 1, Sk, device=dev, dtype=torch.bool).scatter_(-1, sel, True)
     if name in ("w2", "w2nb"):
@@ -56,7 +57,7 @@ def case(name, Sk):
             t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
             if t > 0:
                 rows.append((t / 5, e.count // 5, e.key[:110]))
-    for t, n, k_ in sorted(rows, reverse=True)[:14]:
+    for t, n, k_ in sorted(rows, reverse=True)[:20]:
         print(f"  {t:9.1f} us  x{n:<3d} {k_}")
     print(f"  total {sum(r[0] for r in rows):9.1f} us")
 

@@ -188,74 +188,77 @@ template <typename T> __device__ __forceinline__ void store8(T *p, const float (
     *reinterpret_cast<uint4 *>(p) = u;
 }
 
-/* Di (B, H, Sq): lpr lanes per row (a power of two with 8 lpr >= D: one 16-byte chunk of out and of dout per lane
- * and row), 32 / lpr rows per warp pass and kDiRows passes per warp, all loads issued before the sums (D = 128: 16
- * lanes per row, 8 rows per warp, 8 loads in flight per lane). */
-constexpr int kDiRows = 4;
+/* The three element-wise kernels below walk a (B, S, Hx, D) tensor one (b, s) pair per block (grid-stride over the
+ * B * S pairs, one 64-bit division per pair), the Hx * D / 8 chunks of 8 elements of the pair over the block's
+ * threads (a 32-bit division per chunk): no per-element 64-bit index arithmetic, which dominated their run time. */
+static unsigned pair_blocks(int64_t pairs) { return (unsigned)(pairs < 0x7FFFFFFF ? pairs : 0x7FFFFFFF); }
+static unsigned pair_threads(int64_t work) { return (unsigned)(work >= 256 ? 256 : (work + 31) / 32 * 32); }
+
+/* Di (B, H, Sq) = rowsum(dout * out): lpr lanes per head row (a power of two with 8 lpr >= D, one 16-byte chunk of
+ * out and of dout per lane), blockDim / lpr head rows of one (b, i) at a time. */
 template <typename T>
 __global__ void di_kernel(const T *out, const T *dout, int64_t os0, int64_t os1, int64_t os2, int64_t ds0,
-                          int64_t ds1, int64_t ds2, float *Di, int64_t H, int64_t Sq, int D, int64_t rows, int lpr) {
-    const int lane = threadIdx.x & 31, sub = lane & (lpr - 1), d = sub * 8, rpw = 32 / lpr;
-    const int64_t r0 = ((int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32) * rpw * kDiRows + lane / lpr;
-    float x[kDiRows][8], y[kDiRows][8];
+                          int64_t ds1, int64_t ds2, float *Di, int H, int64_t Sq, int D, int64_t pairs, int lpr) {
+    const int sub = threadIdx.x & (lpr - 1), d = sub * 8, per = blockDim.x / lpr;
+    for (int64_t bi = blockIdx.x; bi < pairs; bi += gridDim.x) {
+        const int64_t b = bi / Sq, i = bi - b * Sq;
+        for (int h0 = 0; h0 < H; h0 += per) { /* every lane the same trips: the shuffles below take the whole warp */
+            const int h = h0 + threadIdx.x / lpr;
+            float x[8], y[8], acc = 0.f;
+            if (h < H && d < D) {
+                load8(out + b * os0 + i * os1 + h * os2 + d, x);
+                load8(dout + b * ds0 + i * ds1 + h * ds2 + d, y);
 #pragma unroll
-    for (int k = 0; k < kDiRows; k++) {
-        const int64_t r = r0 + (int64_t)k * rpw;
-        if (r < rows && d < D) {
-            const int64_t i = r % Sq, h = (r / Sq) % H, b = r / (Sq * H);
-            load8(out + b * os0 + i * os1 + h * os2 + d, x[k]);
-            load8(dout + b * ds0 + i * ds1 + h * ds2 + d, y[k]);
-        } else {
-#pragma unroll
-            for (int e = 0; e < 8; e++) x[k][e] = y[k][e] = 0.f;
+                for (int e = 0; e < 8; e++) acc += x[e] * y[e];
+            }
+            for (int o = lpr >> 1; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o, lpr);
+            if (sub == 0 && h < H) Di[(b * H + h) * Sq + i] = acc;
         }
     }
-#pragma unroll
-    for (int k = 0; k < kDiRows; k++) {
-        float acc = 0.f;
-#pragma unroll
-        for (int e = 0; e < 8; e++) acc += x[k][e] * y[k][e];
-        for (int o = lpr >> 1; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-        const int64_t r = r0 + (int64_t)k * rpw;
-        if (sub == 0 && r < rows) Di[r] = acc;
-    }
 }
 
-/* dq (B, Sq, H, D) = scale * acc (B, Sq, H, D) fp32. */
+/* dq (B, Sq, H, D) = scale * acc (B, Sq, H, D) fp32 contiguous. */
 template <typename T>
 __global__ void dq_convert(const float *acc, T *dq, int64_t s0, int64_t s1, int64_t s2, float scale, int64_t Sq,
-                           int64_t H, int D, int64_t n8) {
-    const int64_t x = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (x >= n8) return;
-    const int64_t e = x * 8;
-    const int d = (int)(e % D);
-    const int64_t r = e / D;
-    const int64_t h = r % H, i = (r / H) % Sq, b = r / (H * Sq);
-    float f[8];
-#pragma unroll
-    for (int k = 0; k < 8; k++) f[k] = acc[e + k] * scale;
-    store8(dq + b * s0 + i * s1 + h * s2 + d, f);
+                           int H, int D, int64_t pairs) {
+    const int c8 = D >> 3;
+    for (int64_t bi = blockIdx.x; bi < pairs; bi += gridDim.x) {
+        const int64_t b = bi / Sq, i = bi - b * Sq;
+        const float *src = acc + bi * H * D;
+        T *row = dq + b * s0 + i * s1;
+        for (int c = threadIdx.x; c < H * c8; c += blockDim.x) {
+            const int h = c / c8, d = (c - h * c8) * 8;
+            const float4 u = reinterpret_cast<const float4 *>(src)[2 * c], w = reinterpret_cast<const float4 *>(src)[2 * c + 1];
+            const float f[8] = {u.x * scale, u.y * scale, u.z * scale, u.w * scale,
+                                w.x * scale, w.y * scale, w.z * scale, w.w * scale};
+            store8(row + h * s2 + d, f);
+        }
+    }
 }
 
-/* dk or dv (B, Sk, Hkv, D) = mul * sum over the g query heads of part (B, H, Sk, D), in head order. */
+/* dk or dv (B, Sk, Hkv, D) = mul * sum over the g query heads of part (B, Hkv, g, Sk, D) fp32, in head order. */
 template <typename T>
 __global__ void kv_reduce(const float *part, T *dst, int64_t s0, int64_t s1, int64_t s2, float mul, int64_t Sk,
-                          int64_t Hkv, int64_t g, int D, int64_t n8) {
-    const int64_t x = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (x >= n8) return;
-    const int64_t e = x * 8;
-    const int d = (int)(e % D);
-    const int64_t r = e / D;
-    const int64_t hkv = r % Hkv, j = (r / Hkv) % Sk, b = r / (Hkv * Sk);
-    float f[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for (int64_t hh = 0; hh < g; hh++) {
-        const float *src = part + (((b * Hkv + hkv) * g + hh) * Sk + j) * D + d;
+                          int Hkv, int g, int D, int64_t pairs) {
+    const int c8 = D >> 3;
+    for (int64_t bj = blockIdx.x; bj < pairs; bj += gridDim.x) {
+        const int64_t b = bj / Sk, j = bj - b * Sk;
+        T *row = dst + b * s0 + j * s1;
+        for (int c = threadIdx.x; c < Hkv * c8; c += blockDim.x) {
+            const int hkv = c / c8, d = (c - hkv * c8) * 8;
+            float f[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+            for (int hh = 0; hh < g; hh++) {
+                const float4 *src =
+                    reinterpret_cast<const float4 *>(part + (((b * Hkv + hkv) * g + hh) * Sk + j) * D + d);
+                const float4 u = src[0], w = src[1];
+                f[0] += u.x; f[1] += u.y; f[2] += u.z; f[3] += u.w;
+                f[4] += w.x; f[5] += w.y; f[6] += w.z; f[7] += w.w;
+            }
 #pragma unroll
-        for (int k = 0; k < 8; k++) f[k] += src[k];
+            for (int k = 0; k < 8; k++) f[k] *= mul;
+            store8(row + hkv * s2 + d, f);
+        }
     }
-#pragma unroll
-    for (int k = 0; k < 8; k++) f[k] *= mul;
-    store8(dst + b * s0 + j * s1 + hkv * s2 + d, f);
 }
 
 /* ---- dbias accumulator: zeroing and finalisation ------------------------------------------------------------
@@ -347,8 +350,6 @@ static void rows_launch_dims(int64_t Sk, int64_t d2, int64_t groups, dim3 *grid,
     *grid = dim3((unsigned)gx, (unsigned)gy, (unsigned)gz);
 }
 
-static unsigned blocks_for(int64_t n, int threads) { return (unsigned)((n + threads - 1) / threads); }
-
 /* 16-byte aligned pointer and batch/seq/head (or the first three dims') strides that are multiples of 8 elements. */
 static int aligned16(const void *ptr, const int64_t *st) {
     return ((uintptr_t)ptr % 16 == 0) && st[0] % 8 == 0 && st[1] % 8 == 0 && st[2] % 8 == 0;
@@ -359,12 +360,12 @@ static int acc_causal_rows(const fdma_params *p, const Config &c) { return p->ca
 
 template <typename T>
 static cudaError_t run_small_pre(const fdma_params *p, float *Di, cudaStream_t st) {
-    const int64_t rows = p->B * p->H * p->Sq;
+    const int64_t pairs = p->B * p->Sq;
     int lpr = 1;
     while (lpr * 8 < p->D) lpr *= 2; /* D <= 256: lpr <= 32 */
-    di_kernel<T><<<blocks_for(rows, 8 * (32 / lpr) * kDiRows), 256, 0, st>>>(
+    di_kernel<T><<<pair_blocks(pairs), pair_threads(p->H * lpr), 0, st>>>(
         (const T *)p->out, (const T *)p->dout, p->out_stride[0], p->out_stride[1], p->out_stride[2],
-        p->dout_stride[0], p->dout_stride[1], p->dout_stride[2], Di, p->H, p->Sq, (int)p->D, rows, lpr);
+        p->dout_stride[0], p->dout_stride[1], p->dout_stride[2], Di, (int)p->H, p->Sq, (int)p->D, pairs, lpr);
     return cudaGetLastError();
 }
 
@@ -372,27 +373,30 @@ template <typename T>
 static cudaError_t run_small_post(const fdma_params *p, const Config &c, const Args &a, cudaStream_t st) {
     cudaError_t err;
     if (c.sparse) { /* (B, Hkv, Sk, D) fp32 accumulators -> dk (times scale), dv */
-        const int64_t n8 = p->B * p->Sk * p->Hkv * p->D / 8;
-        kv_reduce<T><<<blocks_for(n8, 256), 256, 0, st>>>(a.dkacc, (T *)p->dk, p->dk_stride[0], p->dk_stride[1],
-                                                          p->dk_stride[2], a.scale, p->Sk, p->Hkv, 1, (int)p->D, n8);
+        const int64_t pairs = p->B * p->Sk;
+        const unsigned nb = pair_blocks(pairs), nt = pair_threads(p->Hkv * p->D / 8);
+        kv_reduce<T><<<nb, nt, 0, st>>>(a.dkacc, (T *)p->dk, p->dk_stride[0], p->dk_stride[1], p->dk_stride[2],
+                                        a.scale, p->Sk, (int)p->Hkv, 1, (int)p->D, pairs);
         if ((err = cudaGetLastError()) != cudaSuccess) return err;
-        kv_reduce<T><<<blocks_for(n8, 256), 256, 0, st>>>(a.dvacc, (T *)p->dv, p->dv_stride[0], p->dv_stride[1],
-                                                          p->dv_stride[2], 1.f, p->Sk, p->Hkv, 1, (int)p->D, n8);
+        kv_reduce<T><<<nb, nt, 0, st>>>(a.dvacc, (T *)p->dv, p->dv_stride[0], p->dv_stride[1], p->dv_stride[2], 1.f,
+                                        p->Sk, (int)p->Hkv, 1, (int)p->D, pairs);
         if ((err = cudaGetLastError()) != cudaSuccess) return err;
     } else if (!p->deterministic) {
-        const int64_t n8 = p->B * p->Sq * p->H * p->D / 8;
-        dq_convert<T><<<blocks_for(n8, 256), 256, 0, st>>>(a.dqacc, (T *)p->dq, p->dq_stride[0], p->dq_stride[1],
-                                                           p->dq_stride[2], a.scale, p->Sq, p->H, (int)p->D, n8);
+        const int64_t pairs = p->B * p->Sq;
+        dq_convert<T><<<pair_blocks(pairs), pair_threads(p->H * p->D / 8), 0, st>>>(
+            a.dqacc, (T *)p->dq, p->dq_stride[0], p->dq_stride[1], p->dq_stride[2], a.scale, p->Sq, (int)p->H,
+            (int)p->D, pairs);
         if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }
     if (c.per_head) {
-        const int64_t n8 = p->B * p->Sk * p->Hkv * p->D / 8;
+        const int64_t pairs = p->B * p->Sk;
+        const unsigned nb = pair_blocks(pairs), nt = pair_threads(p->Hkv * p->D / 8);
         /* the partials already carry the scale of dk */
-        kv_reduce<T><<<blocks_for(n8, 256), 256, 0, st>>>(a.dkpart, (T *)p->dk, p->dk_stride[0], p->dk_stride[1],
-                                                          p->dk_stride[2], 1.f, p->Sk, p->Hkv, a.g, (int)p->D, n8);
+        kv_reduce<T><<<nb, nt, 0, st>>>(a.dkpart, (T *)p->dk, p->dk_stride[0], p->dk_stride[1], p->dk_stride[2], 1.f,
+                                        p->Sk, (int)p->Hkv, (int)a.g, (int)p->D, pairs);
         if ((err = cudaGetLastError()) != cudaSuccess) return err;
-        kv_reduce<T><<<blocks_for(n8, 256), 256, 0, st>>>(a.dvpart, (T *)p->dv, p->dv_stride[0], p->dv_stride[1],
-                                                          p->dv_stride[2], 1.f, p->Sk, p->Hkv, a.g, (int)p->D, n8);
+        kv_reduce<T><<<nb, nt, 0, st>>>(a.dvpart, (T *)p->dv, p->dv_stride[0], p->dv_stride[1], p->dv_stride[2], 1.f,
+                                        p->Sk, (int)p->Hkv, (int)a.g, (int)p->D, pairs);
         if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }
     if (c.dbias_mode == DBIAS_ACC || c.dbias_mode == DBIAS_ACC_ROWS) {

@@ -521,6 +521,44 @@ __device__ __forceinline__ void store_key_meta(const Args &a, int *sIdx, int *sE
     sBv[buf * kBN + rr] = (brow && j >= 0) ? to_f(brow[(int64_t)j * a.bs[3]]) * 1.4426950408889634f : 0.f;
 }
 
+/* dst[0 .. 1] += (x, y), fp32 reductions (relaxed, device scope, no value returned): one vector red on sm90, two
+ * scalar ones below. dst 8-byte aligned, global. The wgmma kernels add their C fragments this way, two consecutive
+ * columns per lane straight from the accumulator registers: no shuffle, and no register that a red still reads is
+ * rewritten before the next tile (a lane-pair shuffle into 16-byte reds reused its registers, so each shuffle waited
+ * for the previous red to leave). */
+__device__ __forceinline__ void red_add_f32x2(float *dst, float x, float y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(dst), "f"(x), "f"(y) : "memory");
+#else
+    asm volatile("red.global.add.f32 [%0], %1;\n\tred.global.add.f32 [%0+4], %2;\n" ::"l"(dst), "f"(x), "f"(y)
+                 : "memory");
+#endif
+}
+
+/* The sparse kernels' query tile and key count. Causal calls take the tiles last-first (the longest lists start
+ * first). A whole-row list (ntiles == 1: a row-broadcast mask's kept keys, ascending) is cut at the entries the
+ * tile's last row can see (j <= lim = i + Sk - Sq); per-tile lists (the window's) hold only those already. The cut
+ * is a 32-way ballot search by each warp over the list in global memory (every warp finds the same count). */
+__device__ __forceinline__ int64_t sparse_tile_index(const Args &a) {
+    return a.causal ? (int64_t)(gridDim.x - 1 - blockIdx.x) : (int64_t)blockIdx.x;
+}
+__device__ __forceinline__ int sparse_visible_count(const Args &a, const int32_t *list, int nkeys, int64_t i0,
+                                                    int bm, int lane) {
+    if (!a.causal || a.ex_ntiles > 1) return nkeys;
+    const int64_t lim = (i0 + bm < a.Sq ? i0 + bm : a.Sq) - 1 + a.Sk - a.Sq;
+    if (lim < 0) return 0;
+    int lo = 0, hi = nkeys; /* the count lies in [lo, hi] */
+    while (hi - lo > 32) {
+        const int step = (hi - lo + 31) >> 5, q = lo + lane * step;
+        const int c = __popc(__ballot_sync(0xffffffffu, q < hi && __ldg(list + q) <= lim));
+        const int nlo = c ? lo + (c - 1) * step + 1 : lo;
+        hi = hi < lo + c * step ? hi : lo + c * step;
+        lo = nlo;
+    }
+    const int q = lo + lane;
+    return lo + __popc(__ballot_sync(0xffffffffu, q < hi && __ldg(list + q) <= lim));
+}
+
 /* The sparse kernels' accumulator rows of (batch b, query head h, kv head hkv): fp32 dk / dv (B, Hkv, Sk, D) and the
  * ACC_ROWS dbias partial row (NULL unless that mode). */
 __device__ __forceinline__ void sparse_acc_rows(const Args &a, int b, int h, int hkv, float *&dkrow, float *&dvrow,
@@ -531,25 +569,54 @@ __device__ __forceinline__ void sparse_acc_rows(const Args &a, int b, int h, int
 }
 
 /* ACC_ROWS dbias of a query-major tile (the sparse kernels): the column sums of dS (C fragments, this warp's 16
- * rows x 64 keys) over the warp's rows, added by the lanes with gid 0 to dbrow[key] (kidx: the tile's key indices,
- * >= Sk for padding; zero sums skipped). */
+ * rows x 64 keys) over the warp's rows; dbias_col_pair gives every lane those of its columns 8 n + 2 t4 (+ 1). */
+__device__ __forceinline__ void dbias_col_pair(const float (&ds)[8][4], int n, float &c0, float &c1) {
+    c0 = ds[n][0] + ds[n][2];
+    c1 = ds[n][1] + ds[n][3];
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) {
+        c0 += __shfl_xor_sync(0xffffffffu, c0, o);
+        c1 += __shfl_xor_sync(0xffffffffu, c1, o);
+    }
+}
+
+/* The warp's sums added by the lanes with gid 0 to dbrow[key] (kidx: the tile's key indices, >= Sk for padding;
+ * zero sums skipped). */
 __device__ __forceinline__ void dbias_key_sums(const Args &a, const float (&ds)[8][4], float *dbrow, const int *kidx,
                                                int lane) {
     const int gid = lane >> 2, t4 = lane & 3;
 #pragma unroll
     for (int n = 0; n < 8; n++) {
-        float c0 = ds[n][0] + ds[n][2], c1 = ds[n][1] + ds[n][3];
-#pragma unroll
-        for (int o = 4; o < 32; o <<= 1) {
-            c0 += __shfl_xor_sync(0xffffffffu, c0, o);
-            c1 += __shfl_xor_sync(0xffffffffu, c1, o);
-        }
+        float c0, c1;
+        dbias_col_pair(ds, n, c0, c1);
         if (gid == 0) {
             const int ja = kidx[n * 8 + 2 * t4], jb = kidx[n * 8 + 2 * t4 + 1];
             if (ja < a.sk && c0 != 0.f) atomicAdd(dbrow + ja, c0);
             if (jb < a.sk && c1 != 0.f) atomicAdd(dbrow + jb, c1);
         }
     }
+}
+
+/* The same sums staged instead: the warp's 64 column sums to sw[0 .. 63] (shared), for dbias_flush. */
+__device__ __forceinline__ void dbias_warp_sums(const float (&ds)[8][4], float *sw, int lane) {
+    const int gid = lane >> 2, t4 = lane & 3;
+#pragma unroll
+    for (int n = 0; n < 8; n++) {
+        float c0, c1;
+        dbias_col_pair(ds, n, c0, c1);
+        if (gid == 0) *reinterpret_cast<float2 *>(sw + n * 8 + 2 * t4) = make_float2(c0, c1);
+    }
+}
+
+/* After a barrier: key column c (< 64) of the tile, summed over the nw warps' staged sums (sw [nw][64]) in warp
+ * order, one atomic into dbrow[kidx[c]] (skipped for padding and zero sums): one atomic per key and tile rather
+ * than one per key and warp. */
+__device__ __forceinline__ void dbias_flush(const Args &a, const float *sw, int nw, float *dbrow, const int *kidx,
+                                            int c) {
+    float v = 0.f;
+    for (int w = 0; w < nw; w++) v += sw[w * 64 + c];
+    const int j = kidx[c];
+    if (j < a.sk && v != 0.f) atomicAdd(dbrow + j, v);
 }
 
 /* dQ rows [i0, i0 + kBM) of query head h += dS K, fp32 atomics into dqacc (float2 on sm90): the warp's dS^T A

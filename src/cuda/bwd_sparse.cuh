@@ -134,13 +134,13 @@ __global__ void __launch_bounds__(32 * SparseSmem<kDp>::kWarps, 1) sparse_kernel
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, t4 = lane & 3;
     const int row0 = warp * 16;
     const Lane L = make_lane(lane);
-    const int64_t i0 = (int64_t)blockIdx.x * kBM;
+    const int64_t mt = sparse_tile_index(a), i0 = mt * kBM;
     const int h = blockIdx.y, b = blockIdx.z, hkv = h / a.g;
     const int ksteps = (a.D + 15) >> 4;
     const int64_t r = (int64_t)b * a.ex_rb + (int64_t)(h / a.ex_hdiv) * a.ex_hmul;
-    const int64_t lt = r * a.ex_ntiles + (a.ex_ntiles > 1 ? blockIdx.x : 0);
+    const int64_t lt = r * a.ex_ntiles + (a.ex_ntiles > 1 ? mt : 0);
     const int32_t *list = a.ex_lists + lt * a.ex_cap;
-    const int nkeys = a.ex_counts[lt * a.ex_cstride];
+    const int nkeys = sparse_visible_count(a, list, a.ex_counts[lt * a.ex_cstride], i0, kBM, lane);
     const int nN = (nkeys + kBN - 1) / kBN;
     const int32_t *elist = a.ex_elists ? a.ex_elists + lt * a.ex_cap : nullptr;
     const T *brow = a.bias ? (const T *)a.bias + b * a.bs[0] + (int64_t)(h / a.bhdiv) * a.bs[1] : nullptr;

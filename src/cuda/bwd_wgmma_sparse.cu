@@ -10,21 +10,23 @@
  * Grid and lists as bwd_sparse.cuh's kernel: one CTA per (128 query rows = one tile of the window's key lists, query
  * head, batch); 256 threads = 2 warpgroups, warpgroup g owns query rows 64 g .. 64 g + 63 (warp w: rows 16 w ..),
  * so the per-warp register layouts are the mma.sync kernel's and its visibility / dbias / write_dq code applies.
- * Per key tile of 64 gathered keys (K and V rows loaded by index, double-buffered: the next tile's copy, with each
- * row's key index, expiry and bias, is issued right after this tile's S / dP products, one barrier per tile before
- * them and one for P / dS):
+ * Per key tile of 64 gathered keys (K and V rows loaded by index, double-buffered: the next tile's copy is issued
+ * right after this tile's S / dP products, its list indices read a tile earlier and its rows' key data (index, expiry,
+ * bias) held in registers until the end of the tile, so that no thread waits on a global load; one barrier per tile
+ * before the products and one for P / dS):
  *   S  (64 q x 64 keys) = Q_g K^T            SS wgmma, K-major;  dP = dO_g V^T  the same, overlapping P's math
- *   P (visible: j <= lim_i < expiry[j]), dS = P (dP - Di); dbias column sums by atomics (per-key bias)
+ *   P (visible: j <= lim_i < expiry[j]), dS = P (dP - Di); per-key bias: each warp's dS column sums staged, summed
+ *   over the 8 warps by 64 threads under the key-side products, one atomic per key and tile
  *   P, dS -> shared [q][key] (128-byte rows, swizzled)
  *   dQ_g (64 x 128) += dS K                  RS wgmma (dS from registers), K N-major; in registers to the end
  *   barrier; key side over the CTA's 128 queries: warpgroup 0 dV_t = P^T dO, warpgroup 1 dK_t = dS^T Q
- *   (64 keys x 128, SS wgmma, both operands MN-major), added to the fp32 accumulators by 16-byte reductions
+ *   (64 keys x 128, SS wgmma, both operands MN-major), added to the fp32 accumulators by 8-byte reductions
  *   (one per key element per 128 queries).
  * Registers per thread: dQ 64 fp32, S / dP 32 each, the key side 64 (live after S / dP are gone).
  *
- * Shared memory (1024-byte aligned tiles, see wgmma.cuh), 164 KB: Q, dO [2 halves][128][64] (32 KB each); K, V
+ * Shared memory (1024-byte aligned tiles, see wgmma.cuh), 166 KB: Q, dO [2 halves][128][64] (32 KB each); K, V
  * [2 buffers][2 halves][64][64] (32 KB each); P, dS [128 q][64 keys] (16 KB each); key index, expiry, bias x log2 e
- * [2][64] each.
+ * [2][64] each; dbias sums [8 warps][64].
  */
 #include <climits>
 
@@ -39,22 +41,23 @@ constexpr int kSwBM = kBwdSparseTileM, kSwBN = 64, kSwThreads = 256;
 constexpr uint32_t kSwHalfQ = kSwBM * 128, kSwHalfK = kSwBN * 128; /* one 64-column half of a Q / K tile */
 constexpr uint32_t kSwOffdO = 2 * kSwHalfQ, kSwOffK = 4 * kSwHalfQ, kSwOffV = kSwOffK + 4 * kSwHalfK;
 constexpr uint32_t kSwOffP = kSwOffV + 4 * kSwHalfK, kSwOffdS = kSwOffP + kSwBM * 128, kSwOffIdx = kSwOffdS + kSwBM * 128;
-constexpr uint32_t kSwSmem = kSwOffIdx + 3 * 2 * kSwBN * 4 + 1024; /* + 1024: the base is aligned up at run time */
+constexpr uint32_t kSwOffDb = kSwOffIdx + 3 * 2 * kSwBN * 4;
+constexpr uint32_t kSwSmem = kSwOffDb + (kSwThreads / 32) * kSwBN * 4 + 1024; /* + 1024: the base is aligned up at run time */
 
-/* acc (16 key rows of this warp x 128) -> the fp32 accumulator rows kidx[...] by 16-byte reductions (lanes t4, t4 ^ 1
- * swap halves: an even lane adds 4 columns of row gid, an odd one of row gid + 8). */
+/* acc (16 key rows of this warp x 128) -> the fp32 accumulator rows kidx[...] by 8-byte reductions (lane: rows gid,
+ * gid + 8, columns 8 n + 2 t4, + 1). */
 __device__ __forceinline__ void key_rows_red(const Args &a, const float (&acc)[16][4], float *dst, const int *kidx,
                                              int r0, int lane) {
-    const int gid = lane >> 2, t4 = lane & 3, odd = t4 & 1;
-    const int j = kidx[r0 + gid + 8 * odd];
-    float *row = dst + (int64_t)(j < a.sk ? j : 0) * a.D;
+    const int gid = lane >> 2, t4 = lane & 3;
+    const int ja = kidx[r0 + gid], jb = kidx[r0 + gid + 8];
+    float *rowa = dst + (int64_t)(ja < a.sk ? ja : 0) * a.D, *rowb = dst + (int64_t)(jb < a.sk ? jb : 0) * a.D;
 #pragma unroll
     for (int n = 0; n < 16; n++) {
-        const float sx = odd ? acc[n][0] : acc[n][2], sy = odd ? acc[n][1] : acc[n][3];
-        const float rx = __shfl_xor_sync(0xffffffffu, sx, 1), ry = __shfl_xor_sync(0xffffffffu, sy, 1);
-        const float4 v = odd ? make_float4(rx, ry, acc[n][2], acc[n][3]) : make_float4(acc[n][0], acc[n][1], rx, ry);
-        const int d = 8 * n + 4 * (t4 >> 1);
-        if (j < a.sk && d < a.D) atomicAdd(reinterpret_cast<float4 *>(row + d), v);
+        const int d = 8 * n + 2 * t4;
+        if (d < a.D) {
+            if (ja < a.sk) red_add_f32x2(rowa + d, acc[n][0], acc[n][1]);
+            if (jb < a.sk) red_add_f32x2(rowb + d, acc[n][2], acc[n][3]);
+        }
     }
 }
 
@@ -81,15 +84,16 @@ template <typename T> __global__ void __launch_bounds__(kSwThreads, 1) wgmma_spa
     int *sIdx = reinterpret_cast<int *>(smem + kSwOffIdx); /* [2][kSwBN] key index (>= Sk: none) */
     int *sExp = sIdx + 2 * kSwBN;                           /* [2][kSwBN] its expiry */
     float *sBv = reinterpret_cast<float *>(sExp + 2 * kSwBN); /* [2][kSwBN] its bias x log2 e */
+    float *sDb = reinterpret_cast<float *>(smem + kSwOffDb);  /* [8 warps][kSwBN] dbias column sums of the tile */
     constexpr float kLog2e = 1.4426950408889634f;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gid = lane >> 2, t4 = lane & 3, wg = warp >> 2;
     const int row0 = warp * 16;
-    const int64_t i0 = (int64_t)blockIdx.x * kSwBM;
+    const int64_t mt = sparse_tile_index(a), i0 = mt * kSwBM;
     const int h = blockIdx.y, b = blockIdx.z, hkv = h / a.g;
     const int64_t r = (int64_t)b * a.ex_rb + (int64_t)(h / a.ex_hdiv) * a.ex_hmul;
-    const int64_t lt = r * a.ex_ntiles + (a.ex_ntiles > 1 ? blockIdx.x : 0);
+    const int64_t lt = r * a.ex_ntiles + (a.ex_ntiles > 1 ? mt : 0);
     const int32_t *list = a.ex_lists + lt * a.ex_cap;
-    const int nkeys = a.ex_counts[lt * a.ex_cstride];
+    const int nkeys = sparse_visible_count(a, list, a.ex_counts[lt * a.ex_cstride], i0, kSwBM, lane);
     const int nN = (nkeys + kSwBN - 1) / kSwBN;
     const int32_t *elist = a.ex_elists ? a.ex_elists + lt * a.ex_cap : nullptr;
     const T *brow = a.bias ? (const T *)a.bias + b * a.bs[0] + (int64_t)(h / a.bhdiv) * a.bs[1] : nullptr;
@@ -101,22 +105,57 @@ template <typename T> __global__ void __launch_bounds__(kSwThreads, 1) wgmma_spa
                                        a.qs[1], a.Sq - i0, a.D);
     wg_load_rows<T, kSwBM, kSwThreads>(sdO, (const T *)a.dout + b * a.dos[0] + (int64_t)h * a.dos[2] + i0 * a.dos[1],
                                        a.dos[1], a.Sq - i0, a.D);
-    /* rows of key tile nb by list index into buffer buf (16 chunks of 16 bytes per row), plus index, expiry, bias */
-    auto load_kv = [&](int nb, int buf) {
+    /* The gathered loads, software-pipelined so that no thread waits on a global load in the loop: each thread's 4
+       rows (threadIdx.x / 16 + 16 k, 16-byte chunk threadIdx.x % 16) take their key index from jn, read one tile
+       ahead; threads t < 64 keep row t's key data (index, expiry, bias) in registers from the copy's issue and
+       store it to shared memory at the end of the iteration. */
+    const int crow = threadIdx.x >> 4, cc = threadIdx.x & 15;
+    int jn[4];    /* key index of row crow + 16 k of the next tile to copy (-1: past the list) */
+    int jmn = -1; /* threads t < 64: key index of row t of that tile */
+    auto read_idx = [&](int nb) {
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const int pos = nb * kSwBN + crow + 16 * k;
+            jn[k] = pos < nkeys ? __ldg(list + pos) : -1;
+        }
+        if (threadIdx.x < kSwBN) {
+            const int pos = nb * kSwBN + threadIdx.x;
+            jmn = pos < nkeys ? __ldg(list + pos) : -1;
+        }
+    };
+    int jm = -1, em = 0;
+    float bm = 0.f;
+    /* K and V rows of tile nb into buffer buf by the indices in jn; the key data of row t into registers */
+    auto copy_kv = [&](int nb, int buf) {
         const uint32_t dk_ = sb + kSwOffK + buf * 2 * kSwHalfK, dv_ = sb + kSwOffV + buf * 2 * kSwHalfK;
 #pragma unroll
-        for (int c = threadIdx.x; c < kSwBN * 16; c += kSwThreads) {
-            const int rr = c >> 4, cc = c & 15, pos = nb * kSwBN + rr;
-            const int j = pos < nkeys ? __ldg(list + pos) : -1;
+        for (int k = 0; k < 4; k++) {
+            const int rr = crow + 16 * k, j = jn[k];
             const bool pred = j >= 0 && cc * 8 < a.D;
             const uint32_t off = (cc >> 3) * kSwHalfK + rr * 128 + (((cc & 7) ^ (rr & 7)) << 4);
             fdma_cp_async16_s(dk_ + off, pred ? gk + (int64_t)j * a.ks[1] + cc * 8 : gk, pred ? 16 : 0);
             fdma_cp_async16_s(dv_ + off, pred ? gv + (int64_t)j * a.vs[1] + cc * 8 : gv, pred ? 16 : 0);
-            if (cc == 0) store_key_meta<T, kSwBN>(a, sIdx, sExp, sBv, buf, rr, j, pos, elist, brow);
+        }
+        if (threadIdx.x < kSwBN) {
+            jm = jmn;
+            em = jm < 0 ? 0 : elist ? __ldg(elist + nb * kSwBN + threadIdx.x) : INT_MAX;
+            bm = (brow && jm >= 0) ? to_f(brow[(int64_t)jm * a.bs[3]]) * 1.4426950408889634f : 0.f;
         }
     };
-    if (nN > 0) load_kv(0, 0);
+    auto store_meta = [&](int buf) {
+        if (threadIdx.x < kSwBN) {
+            sIdx[buf * kSwBN + threadIdx.x] = jm >= 0 ? jm : INT_MAX;
+            sExp[buf * kSwBN + threadIdx.x] = em;
+            sBv[buf * kSwBN + threadIdx.x] = bm;
+        }
+    };
+    if (nN > 0) {
+        read_idx(0);
+        copy_kv(0, 0);
+        store_meta(0);
+    }
     fdma_cp_async_commit();
+    if (nN > 1) read_idx(1);
 
     float lse_r[2], di_r[2];
     row_stats(a, b, h, i0 + row0 + gid, lse_r, di_r);
@@ -148,9 +187,11 @@ template <typename T> __global__ void __launch_bounds__(kSwThreads, 1) wgmma_spa
         wg_commit();
         wg_ss64_k128<T>(dp, doAlo, kSwHalfQ, vlo, kSwHalfK, kHi);
         wg_commit();
-        /* the next tile's rows by index, under the products (its list reads stall only this thread) */
-        if (nb + 1 < nN) load_kv(nb + 1, buf ^ 1);
+        /* the next tile's rows under the products (their indices were read one tile ahead), then the indices of the
+           tile after it */
+        if (nb + 1 < nN) copy_kv(nb + 1, buf ^ 1);
         fdma_cp_async_commit();
+        if (nb + 2 < nN) read_idx(nb + 2);
         wg_wait<1>();
         wg_reg_fence(s);
         /* P from the tile's key data: visible iff row in range, j <= lim < e[j] (causal limit lim = i + Sk - Sq,
@@ -175,7 +216,7 @@ template <typename T> __global__ void __launch_bounds__(kSwThreads, 1) wgmma_spa
         for (int n = 0; n < 8; n++)
 #pragma unroll
             for (int e = 0; e < 4; e++) dp[n][e] = s[n][e] * (dp[n][e] - di_r[e >> 1]);
-        if (dbrow) dbias_key_sums(a, dp, dbrow, sI, lane);
+        if (dbrow) dbias_warp_sums(dp, sDb + warp * kSwBN, lane);
         store_ptile<T>(smem + kSwOffdS, dp, row0, lane);
         uint32_t da[4][4];
         to_afrag<T, 8>(da, dp, [](int, int) { return 1.f; });
@@ -193,10 +234,13 @@ template <typename T> __global__ void __launch_bounds__(kSwThreads, 1) wgmma_spa
         for (int kq = 1; kq < kSwBM / 16; kq++)
             WgSS128<T, 1, 1>::run(kacc, desc_of(kAmlo + kq * 128, kHi), desc_of(kBnlo + kq * 128, kHi));
         wg_commit();
+        /* the tile's dbias sums (staged before the barrier above; read before the next tile's top barrier) */
+        if (dbrow && threadIdx.x < kSwBN) dbias_flush(a, sDb, kSwThreads / 32, dbrow, sI, threadIdx.x);
         wg_wait<0>();
         wg_reg_fence(acc);
         wg_reg_fence(kacc);
         key_rows_red(a, kacc, wg == 0 ? dvrow : dkrow, sI, (warp & 3) * 16, lane);
+        if (nb + 1 < nN) store_meta(buf ^ 1); /* tile nb + 1's key data, read after the next top barrier */
     }
     fdma_cp_async_wait<0>();
     write_dq<T, 128>(a, acc, b, h, i0 + row0, lane);
