@@ -521,18 +521,33 @@ __device__ __forceinline__ void store_key_meta(const Args &a, int *sIdx, int *sE
     sBv[buf * kBN + rr] = (brow && j >= 0) ? to_f(brow[(int64_t)j * a.bs[3]]) * 1.4426950408889634f : 0.f;
 }
 
-/* dst[0 .. 1] += (x, y), fp32 reductions (relaxed, device scope, no value returned): one vector red on sm90, two
- * scalar ones below. dst 8-byte aligned, global. The wgmma kernels add their C fragments this way, two consecutive
- * columns per lane straight from the accumulator registers: no shuffle, and no register that a red still reads is
- * rewritten before the next tile (a lane-pair shuffle into 16-byte reds reused its registers, so each shuffle waited
- * for the previous red to leave). */
-__device__ __forceinline__ void red_add_f32x2(float *dst, float x, float y) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(dst), "f"(x), "f"(y) : "memory");
-#else
-    asm volatile("red.global.add.f32 [%0], %1;\n\tred.global.add.f32 [%0+4], %2;\n" ::"l"(dst), "f"(x), "f"(y)
-                 : "memory");
-#endif
+/* fp32 reductions (red.global.add.v2.f32: relaxed, device scope, no value returned) of the column pairs n < kN of
+ * two C fragment rows (a lane's columns 8 n + 2 t4, + 1 of rows gid and gid + 8: acc[n][0..1] to ra + 8 n,
+ * acc[n][2..3] to rb + 8 n; ra, rb already include 2 t4); bit n of ma / mb: that pair exists (row inside the tensor,
+ * column below D). Immediate offsets from the two bases and predicated reds:
+ * nothing is computed between the reds, so no register a red still reads is rewritten under it (compiled address
+ * arithmetic reused the freed accumulator registers and made every red wait for the one before it). sm90 only. */
+template <int N, int kN> struct RedRowsF32x2 {
+    static __device__ __forceinline__ void run(float *ra, float *rb, uint32_t ma, uint32_t mb,
+                                               const float (&acc)[kN][4]) {
+        asm volatile("{\n\t.reg .pred p;\n\t.reg .b32 t;\n\tand.b32 t, %3, %5;\n\tsetp.ne.b32 p, t, 0;\n\t"
+                     "@p red.global.add.v2.f32 [%0+%4], {%1, %2};\n\t}\n"
+                     ::"l"(ra), "f"(acc[N][0]), "f"(acc[N][1]), "r"(ma), "n"(N * 32), "n"(1 << N) : "memory");
+        asm volatile("{\n\t.reg .pred p;\n\t.reg .b32 t;\n\tand.b32 t, %3, %5;\n\tsetp.ne.b32 p, t, 0;\n\t"
+                     "@p red.global.add.v2.f32 [%0+%4], {%1, %2};\n\t}\n"
+                     ::"l"(rb), "f"(acc[N][2]), "f"(acc[N][3]), "r"(mb), "n"(N * 32), "n"(1 << N) : "memory");
+        RedRowsF32x2<N + 1, kN>::run(ra, rb, ma, mb, acc);
+    }
+};
+template <int kN> struct RedRowsF32x2<kN, kN> {
+    static __device__ __forceinline__ void run(float *, float *, uint32_t, uint32_t, const float (&)[kN][4]) {}
+};
+/* Bit n set for the column pairs 8 n + c0 (n < kN) below D. */
+template <int kN> __device__ __forceinline__ uint32_t col_pair_mask(int c0, int D) {
+    uint32_t m = 0;
+#pragma unroll
+    for (int n = 0; n < kN; n++) m |= (uint32_t)(8 * n + c0 < D) << n;
+    return m;
 }
 
 /* The sparse kernels' query tile and key count. Causal calls take the tiles last-first (the longest lists start

@@ -256,18 +256,29 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_dense_kernel(const Args a
             wg_commit();
             wg_wait<1>(); /* dQ done; dV / dK run on under the atomics */
             wg_reg_fence(dq);
-            /* dq += the tile by 16-byte reductions: lanes t4 and t4 ^ 1 swap halves so that an even lane holds 4
-               consecutive columns of row gid, an odd one of row gid + 8 */
+            /* dq += the tile. Plain kernel: 8-byte reductions straight from the fragments (RedRowsF32x2: rows gid,
+               gid + 8). Bias / mask kernels (at 255 registers, where that spills): 16-byte ones after a lane-pair
+               shuffle (an even lane holds 4 consecutive columns of row gid, an odd one of row gid + 8). */
             float *dqrow = a.dqacc + ((int64_t)b * a.Sq * a.H + h) * a.D;
-            const bool odd = t4 & 1;
-            const int64_t iq = i0 + 16 * wl + gid + (odd ? 8 : 0);
+            if constexpr (kFeat == 0) {
+                const int64_t iq = i0 + 16 * wl + gid;
+                const uint32_t cols = col_pair_mask<8>(64 * wg + 2 * t4, a.D);
+                float *r0 = dqrow + 64 * wg + 2 * t4;
+                RedRowsF32x2<0, 8>::run(r0 + (iq < a.Sq ? iq : 0) * a.H * a.D,
+                                        r0 + (iq + 8 < a.Sq ? iq + 8 : 0) * a.H * a.D, iq < a.Sq ? cols : 0u,
+                                        iq + 8 < a.Sq ? cols : 0u, dq);
+            } else {
+                const bool odd = t4 & 1;
+                const int64_t iq = i0 + 16 * wl + gid + (odd ? 8 : 0);
 #pragma unroll
-            for (int n = 0; n < 8; n++) {
-                const float sx = odd ? dq[n][0] : dq[n][2], sy = odd ? dq[n][1] : dq[n][3];
-                const float rx = __shfl_xor_sync(0xffffffffu, sx, 1), ry = __shfl_xor_sync(0xffffffffu, sy, 1);
-                const float4 v = odd ? make_float4(rx, ry, dq[n][2], dq[n][3]) : make_float4(dq[n][0], dq[n][1], rx, ry);
-                const int d = 64 * wg + 8 * n + 4 * (t4 >> 1);
-                if (iq < a.Sq && d < a.D) red_add_f32x4(dqrow + iq * a.H * a.D + d, v);
+                for (int n = 0; n < 8; n++) {
+                    const float sx = odd ? dq[n][0] : dq[n][2], sy = odd ? dq[n][1] : dq[n][3];
+                    const float rx = __shfl_xor_sync(0xffffffffu, sx, 1), ry = __shfl_xor_sync(0xffffffffu, sy, 1);
+                    const float4 v =
+                        odd ? make_float4(rx, ry, dq[n][2], dq[n][3]) : make_float4(dq[n][0], dq[n][1], rx, ry);
+                    const int d = 64 * wg + 8 * n + 4 * (t4 >> 1);
+                    if (iq < a.Sq && d < a.D) red_add_f32x4(dqrow + iq * a.H * a.D + d, v);
+                }
             }
             if (kBias && a.dbias_mode == DBIAS_DIRECT) wg_dbias_direct<T>(a, smem + kWgOffdS, b, h, i0, n0);
             if (kBias && a.dbias_mode == DBIAS_ACC) wg_dbias_acc<T>(a, smem + kWgOffdS, b, h, i0, n0);

@@ -45,20 +45,15 @@ constexpr uint32_t kSwOffDb = kSwOffIdx + 3 * 2 * kSwBN * 4;
 constexpr uint32_t kSwSmem = kSwOffDb + (kSwThreads / 32) * kSwBN * 4 + 1024; /* + 1024: the base is aligned up at run time */
 
 /* acc (16 key rows of this warp x 128) -> the fp32 accumulator rows kidx[...] by 8-byte reductions (lane: rows gid,
- * gid + 8, columns 8 n + 2 t4, + 1). */
+ * gid + 8, columns 8 n + 2 t4, + 1; RedRowsF32x2). */
 __device__ __forceinline__ void key_rows_red(const Args &a, const float (&acc)[16][4], float *dst, const int *kidx,
                                              int r0, int lane) {
     const int gid = lane >> 2, t4 = lane & 3;
     const int ja = kidx[r0 + gid], jb = kidx[r0 + gid + 8];
-    float *rowa = dst + (int64_t)(ja < a.sk ? ja : 0) * a.D, *rowb = dst + (int64_t)(jb < a.sk ? jb : 0) * a.D;
-#pragma unroll
-    for (int n = 0; n < 16; n++) {
-        const int d = 8 * n + 2 * t4;
-        if (d < a.D) {
-            if (ja < a.sk) red_add_f32x2(rowa + d, acc[n][0], acc[n][1]);
-            if (jb < a.sk) red_add_f32x2(rowb + d, acc[n][2], acc[n][3]);
-        }
-    }
+    const uint32_t cols = col_pair_mask<16>(2 * t4, a.D);
+    RedRowsF32x2<0, 16>::run(dst + (int64_t)(ja < a.sk ? ja : 0) * a.D + 2 * t4,
+                             dst + (int64_t)(jb < a.sk ? jb : 0) * a.D + 2 * t4, ja < a.sk ? cols : 0u,
+                             jb < a.sk ? cols : 0u, acc);
 }
 
 /* C fragments (16 rows x 64 keys) -> a [row][key] tile of 128-byte swizzled rows at smem + row0 * 128. */

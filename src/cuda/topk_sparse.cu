@@ -17,11 +17,15 @@
  *   5. bucket:   per bucket, V_g = {u <= L_g : K_{L_{g-1}} <= key[u] <= K_{L_g}} (|V_g| <= G+1; a contiguous
  *                range of sorted positions, filtered by index) and, per L in the bucket,
  *                K_L = the (z_L - window + 1)-th smallest of V_g restricted to u <= L, z_L = #{u <= L :
- *                key[u] >= K_{L_{g-1}}} (a block scan over the bucket).
+ *                key[u] >= K_{L_{g-1}}} (a block scan over the bucket). V_g is gathered into shared memory by
+ *                block scans (8 sorted positions per thread per round); each warp then owns 32 consecutive L and
+ *                reads V_g from its smallest entry up, 32 entries per step (one per lane), counting for every lane
+ *                at once with a ballot and a warp OR of the entries' index offsets, until each lane's count is reached.
  *   6. expiry:   e[j] = first L >= j with K_L > key[j] (K_L is nondecreasing: binary search), Sk if none;
  *                e[j] = j for a key that is not a candidate.
- *   Work: the sort (O(R Sk) per digit pass), O(R Sk) for steps 1, 3, 4, 6 (plus log Sk per key in 6), and
- *   O(R Sk G) shared-memory steps in 5.
+ *   Work: the sort (O(R Sk) per digit pass), O(R Sk) for steps 1, 3, 4, 6 (plus log Sk per key in 6), and in 5
+ *   the gather of each bucket's sorted range plus O(R Sk G / 32^2) warp steps of 32 entries (at most
+ *   (G+1)/32 + 1 per warp, a warp stopping once all its lanes are resolved).
  * Non-causal: e[j] = Sk for the window kept keys (the block radix select of topk.cu), j otherwise.
  * Tile lists: list(t) = {j <= hi_t : e[j] > max(j, lo_t)}, lo_t = lim_{i0}, hi_t = lim_{i1}. Tiles are grouped
  *   by `tiles_per_super` (so that a group spans about max(window, sqrt(Sk M / 2)) query rows): the survivors
@@ -167,8 +171,30 @@ __global__ void __launch_bounds__(FDMA_SPARSE_G) fdma_sparse_coarse_kernel(const
     if (pred && incl == need) { a.kg[slot] = v; a.pg[slot] = (int32_t)p; }
 }
 
-/* 5. per-position thresholds kfull[r][L] for the bucket g. grid (nb, R), G threads (thread t -> L = gG + t). */
-__global__ void __launch_bounds__(FDMA_SPARSE_G) fdma_sparse_bucket_kernel(const fdma_sparse_kargs a)
+/* Position of the n-th set bit (1-based: 1 <= n <= popc(m)) of m, counted from bit 0. */
+static __device__ __forceinline__ int fdma_sparse_nth_bit(uint32_t m, int n)
+{
+    int lo = 0, hi = 31;
+    while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        if (__popc(m & (0xFFFFFFFFu >> (31 - mid))) >= n) hi = mid; else lo = mid + 1;
+    }
+    return lo;
+}
+
+/* 5. per-position thresholds kfull[r][L] for the bucket g. grid (nb, R), G threads (thread t -> L = gG + t).
+ *    Gather: V = the entries of the sorted range [pg[g], pend] with index <= L_g, in sorted (descending) order,
+ *    |V| <= G+1 (NOTES.md); rounds of G * ITEMS positions, ITEMS consecutive per thread, one block scan of the
+ *    per-thread counts per round. K_L = the (rank+1)-th entry with index <= L counted from the end of V.
+ *    Walk: the 32 lanes of a warp hold 32 consecutive L = w0 + lane and read V from the end in chunks of 32
+ *    entries (lane k: V[q0 - k]). An entry with index i counts for the lanes >= e = i - w0: for all of them when
+ *    e < 0 (a ballot), for lanes >= e when 0 <= e < 32 (an OR of 1 << e over the warp: V holds candidates only,
+ *    whose indices are distinct), for none when e >= 32. In the chunk where a lane's count reaches rank+1,
+ *    ballot(e <= lane) is its mask of counted entries in walk order and the answer is its (rank+1 - count
+ *    before)-th set bit. Same order and result as walking V one entry at a time per thread; a warp stops when all
+ *    its lanes are resolved. Min 1 block per SM in the launch bounds: 64 registers (ptxas aims at 32 for sm_80
+ *    otherwise, and spills). */
+__global__ void __launch_bounds__(FDMA_SPARSE_G, 1) fdma_sparse_bucket_kernel(const fdma_sparse_kargs a)
 {
     typedef cub::BlockScan<int32_t, FDMA_SPARSE_G> Scan;
     __shared__ typename Scan::TempStorage ts;
@@ -185,43 +211,72 @@ __global__ void __launch_bounds__(FDMA_SPARSE_G) fdma_sparse_bucket_kernel(const
     const int64_t M = a.cnt[r * a.nb + a.nb - 1];
     const int64_t pstart = a.pg[r * a.nb + g];
     const int64_t pend = Kp != 0 ? a.pg[r * a.nb + g - 1] : M - 1;
+    int32_t in = 0;
+    if (L < a.Sk) {
+        const uint64_t v = a.keys[r * a.Sk + L] & a.rk_mask;
+        in = (v >> a.ib) != 0 && v >= Kp;
+    }
 
+    const uint64_t *srow = a.sorted + r * a.Sk;
     int64_t nV = 0;
-    for (int64_t base = pstart; base <= pend; base += FDMA_SPARSE_G) {
-        const int64_t p = base + threadIdx.x;
-        uint64_t v = 0;
-        int32_t pred = 0;
-        if (p <= pend) {
-            v = a.sorted[r * a.Sk + p] & a.rk_mask;
-            pred = (int64_t)(v & a.ix_mask) <= Lg;
+    for (int64_t base = pstart; base <= pend; base += (int64_t)FDMA_SPARSE_G * FDMA_SPARSE_ITEMS) {
+        const int64_t p0 = base + (int64_t)threadIdx.x * FDMA_SPARSE_ITEMS;
+        uint64_t val[FDMA_SPARSE_ITEMS];
+        uint32_t bits = 0;
+        int32_t cnt = 0;
+#pragma unroll
+        for (int u = 0; u < FDMA_SPARSE_ITEMS; u++) {
+            const bool ok = p0 + u <= pend;
+            val[u] = ok ? srow[p0 + u] & a.rk_mask : 0;
+            const bool pred = ok && (int64_t)(val[u] & a.ix_mask) <= Lg;
+            bits |= (uint32_t)pred << u;
+            cnt += pred;
         }
         int32_t excl, agg;
-        Scan(ts).ExclusiveSum(pred, excl, agg);
-        if (pred && nV + excl < FDMA_SPARSE_G + 1) V[nV + excl] = v;
+        Scan(ts).ExclusiveSum(cnt, excl, agg);
+        int64_t pos = nV + excl;
+#pragma unroll
+        for (int u = 0; u < FDMA_SPARSE_ITEMS; u++) {
+            if ((bits >> u) & 1u) {
+                if (pos < FDMA_SPARSE_G + 1) V[pos] = val[u];
+                pos++;
+            }
+        }
         nV += agg;
         __syncthreads();
     }
     if (nV > FDMA_SPARSE_G + 1) nV = FDMA_SPARSE_G + 1;  /* cannot happen (NOTES.md); keeps the reads in bounds */
 
     const int64_t z0 = Kp != 0 ? a.window : (g > 0 ? a.cnt[r * a.nb + g - 1] : 0);
-    int32_t in = 0;
-    if (L < a.Sk) {
-        const uint64_t v = a.keys[r * a.Sk + L] & a.rk_mask;
-        in = (v >> a.ib) != 0 && v >= Kp;
-    }
     int32_t incl;
     Scan(ts).InclusiveSum(in, incl);
-    if (L >= a.Sk) return;
-    const int64_t rank = z0 + incl - a.window;  /* K_L = the (rank+1)-th smallest of V restricted to u <= L */
+    const int64_t need = z0 + incl - a.window + 1;  /* K_L = the need-th smallest of V restricted to u <= L */
+    const int lane = (int)(threadIdx.x & 31);
+    const int64_t w0 = L - lane;
+    bool done = L >= a.Sk || need <= 0;
+    int64_t c = 0;  /* entries counted so far (< need while not done) */
     uint64_t res = 0;
-    if (rank >= 0) {
-        int64_t c = 0;
-        for (int64_t q = nV - 1; q >= 0; q--) {
-            const uint64_t v = V[q];
-            if ((int64_t)(v & a.ix_mask) <= L && ++c == rank + 1) { res = v; break; }
+    for (int64_t q0 = nV - 1; q0 >= 0 && !__all_sync(0xFFFFFFFFu, done); q0 -= 32) {
+        const int64_t q = q0 - lane;
+        const int64_t d = q >= 0 ? (int64_t)(V[q] & a.ix_mask) - w0 : 32;
+        const int e = d < 0 ? -1 : (d < 32 ? (int)d : 32);
+        const uint32_t below = __ballot_sync(0xFFFFFFFFu, e < 0);
+        const uint32_t at = __reduce_or_sync(0xFFFFFFFFu, e >= 0 && e < 32 ? 1u << e : 0u);
+        const int n = __popc(below) + __popc(at & (0xFFFFFFFFu >> (31 - lane)));
+        const bool hit = !done && c + n >= need;
+        if (__any_sync(0xFFFFFFFFu, hit)) {
+            uint32_t m = 0;
+#pragma unroll
+            for (int o = 0; o < 32; o++) {
+                const uint32_t b = __ballot_sync(0xFFFFFFFFu, e <= o);
+                if (o == lane) m = b;
+            }
+            if (hit) res = V[q0 - fdma_sparse_nth_bit(m, (int)(need - c))];
         }
+        c += n;
+        done = done || hit;
     }
-    a.kfull[r * a.Sk + L] = res;
+    if (L < a.Sk) a.kfull[r * a.Sk + L] = res;
 }
 
 /* 6. e[r][j] = first L >= j with kfull[L] > key[j], Sk if none; j for a non-candidate. */
