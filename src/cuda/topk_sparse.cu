@@ -171,6 +171,43 @@ __global__ void __launch_bounds__(FDMA_SPARSE_G) fdma_sparse_coarse_kernel(const
     if (pred && incl == need) { a.kg[slot] = v; a.pg[slot] = (int32_t)p; }
 }
 
+/* Ordered compaction of items beg .. end-1 (item q has the value load(q)): appends those with pred(value) to
+ * out[n ..] (writes below cap only), in item order, and advances n by their count. Each round gives every thread
+ * ITEMS consecutive items and does one block scan of the per-thread counts. The last round's writes are not
+ * followed by a barrier. */
+template <int NT, int ITEMS, typename T, typename Load, typename Pred>
+static __device__ __forceinline__ void fdma_sparse_compact(int64_t beg, int64_t end, Load load, Pred pred, T *out,
+                                                           int64_t cap, int64_t &n,
+                                                           typename cub::BlockScan<int32_t, NT>::TempStorage &ts)
+{
+    for (int64_t base = beg; base < end; base += (int64_t)NT * ITEMS) {
+        const int64_t q0 = base + (int64_t)threadIdx.x * ITEMS;
+        T val[ITEMS];
+        uint32_t bits = 0;
+        int32_t cnt = 0;
+#pragma unroll
+        for (int u = 0; u < ITEMS; u++) {
+            const int64_t q = q0 + u;
+            val[u] = q < end ? load(q) : T(0);
+            const bool p = q < end && pred(val[u]);
+            bits |= (uint32_t)p << u;
+            cnt += p;
+        }
+        int32_t excl, agg;
+        cub::BlockScan<int32_t, NT>(ts).ExclusiveSum(cnt, excl, agg);
+        __syncthreads();
+        int64_t pos = n + excl;
+#pragma unroll
+        for (int u = 0; u < ITEMS; u++) {
+            if ((bits >> u) & 1u) {
+                if (pos < cap) out[pos] = val[u];
+                pos++;
+            }
+        }
+        n += agg;
+    }
+}
+
 /* Position of the n-th set bit (1-based: 1 <= n <= popc(m)) of m, counted from bit 0. */
 static __device__ __forceinline__ int fdma_sparse_nth_bit(uint32_t m, int n)
 {
@@ -184,8 +221,7 @@ static __device__ __forceinline__ int fdma_sparse_nth_bit(uint32_t m, int n)
 
 /* 5. per-position thresholds kfull[r][L] for the bucket g. grid (nb, R), G threads (thread t -> L = gG + t).
  *    Gather: V = the entries of the sorted range [pg[g], pend] with index <= L_g, in sorted (descending) order,
- *    |V| <= G+1 (NOTES.md); rounds of G * ITEMS positions, ITEMS consecutive per thread, one block scan of the
- *    per-thread counts per round. K_L = the (rank+1)-th entry with index <= L counted from the end of V.
+ *    |V| <= G+1 (NOTES.md), by fdma_sparse_compact (ITEMS consecutive positions per thread per round). K_L = the (rank+1)-th entry with index <= L counted from the end of V.
  *    Walk: the 32 lanes of a warp hold 32 consecutive L = w0 + lane and read V from the end in chunks of 32
  *    entries (lane k: V[q0 - k]). An entry with index i counts for the lanes >= e = i - w0: for all of them when
  *    e < 0 (a ballot), for lanes >= e when 0 <= e < 32 (an OR of 1 << e over the warp: V holds candidates only,
@@ -219,32 +255,10 @@ __global__ void __launch_bounds__(FDMA_SPARSE_G, 1) fdma_sparse_bucket_kernel(co
 
     const uint64_t *srow = a.sorted + r * a.Sk;
     int64_t nV = 0;
-    for (int64_t base = pstart; base <= pend; base += (int64_t)FDMA_SPARSE_G * FDMA_SPARSE_ITEMS) {
-        const int64_t p0 = base + (int64_t)threadIdx.x * FDMA_SPARSE_ITEMS;
-        uint64_t val[FDMA_SPARSE_ITEMS];
-        uint32_t bits = 0;
-        int32_t cnt = 0;
-#pragma unroll
-        for (int u = 0; u < FDMA_SPARSE_ITEMS; u++) {
-            const bool ok = p0 + u <= pend;
-            val[u] = ok ? srow[p0 + u] & a.rk_mask : 0;
-            const bool pred = ok && (int64_t)(val[u] & a.ix_mask) <= Lg;
-            bits |= (uint32_t)pred << u;
-            cnt += pred;
-        }
-        int32_t excl, agg;
-        Scan(ts).ExclusiveSum(cnt, excl, agg);
-        int64_t pos = nV + excl;
-#pragma unroll
-        for (int u = 0; u < FDMA_SPARSE_ITEMS; u++) {
-            if ((bits >> u) & 1u) {
-                if (pos < FDMA_SPARSE_G + 1) V[pos] = val[u];
-                pos++;
-            }
-        }
-        nV += agg;
-        __syncthreads();
-    }
+    fdma_sparse_compact<FDMA_SPARSE_G, FDMA_SPARSE_ITEMS>(
+        pstart, pend + 1, [&](int64_t p) { return srow[p] & a.rk_mask; },
+        [&](uint64_t v) { return (int64_t)(v & a.ix_mask) <= Lg; }, V, FDMA_SPARSE_G + 1, nV, ts);
+    __syncthreads();
     if (nV > FDMA_SPARSE_G + 1) nV = FDMA_SPARSE_G + 1;  /* cannot happen (NOTES.md); keeps the reads in bounds */
 
     const int64_t z0 = Kp != 0 ? a.window : (g > 0 ? a.cnt[r * a.nb + g - 1] : 0);
@@ -299,42 +313,6 @@ __global__ void fdma_sparse_expiry_kernel(const fdma_sparse_kargs a)
     a.expiry[idx] = (int32_t)e;
 }
 
-/* Ordered compaction of items beg .. end-1 (item q is src[q], or q itself when src is NULL): appends those with
- * pred(value) to out[n ..] (writes below cap only), in item order, and advances n by their count. Each round
- * gives every thread ITEMS consecutive items and does one block scan of the per-thread counts. */
-template <int NT, int ITEMS, typename Pred>
-static __device__ __forceinline__ void fdma_sparse_compact(int64_t beg, int64_t end, const int32_t *src, Pred pred,
-                                                           int32_t *out, int64_t cap, int64_t &n,
-                                                           typename cub::BlockScan<int32_t, NT>::TempStorage &ts)
-{
-    for (int64_t base = beg; base < end; base += (int64_t)NT * ITEMS) {
-        const int64_t q0 = base + (int64_t)threadIdx.x * ITEMS;
-        int32_t val[ITEMS];
-        uint32_t bits = 0;
-        int32_t cnt = 0;
-#pragma unroll
-        for (int u = 0; u < ITEMS; u++) {
-            const int64_t q = q0 + u;
-            val[u] = q < end ? (src ? src[q] : (int32_t)q) : 0;
-            const bool p = q < end && pred(val[u]);
-            bits |= (uint32_t)p << u;
-            cnt += p;
-        }
-        int32_t excl, agg;
-        cub::BlockScan<int32_t, NT>(ts).ExclusiveSum(cnt, excl, agg);
-        __syncthreads();
-        int64_t pos = n + excl;
-#pragma unroll
-        for (int u = 0; u < ITEMS; u++) {
-            if ((bits >> u) & 1u) {
-                if (pos < cap) out[pos] = val[u];
-                pos++;
-            }
-        }
-        n += agg;
-    }
-}
-
 static __device__ __forceinline__ int64_t fdma_sparse_lim(const fdma_sparse_kargs &a, int64_t i)
 {
     return a.causal ? i + a.Sk - a.Sq : a.Sk - 1;
@@ -350,7 +328,7 @@ __global__ void __launch_bounds__(FDMA_SPARSE_SURV_NT) fdma_sparse_survivors_ker
     int32_t *out = a.surv + (r * a.nsup + T) * a.surv_cap;
     int64_t n = 0;
     fdma_sparse_compact<FDMA_SPARSE_SURV_NT, FDMA_SPARSE_ITEMS>(
-        0, x + 1, NULL, [&](int32_t j) { return e[j] > x; }, out, a.surv_cap, n, ts);
+        0, x + 1, [](int64_t q) { return (int32_t)q; }, [&](int32_t j) { return e[j] > x; }, out, a.surv_cap, n, ts);
     if (threadIdx.x == 0) a.survcnt[r * a.nsup + T] = (int32_t)(n < a.surv_cap ? n : a.surv_cap);
 }
 
@@ -378,11 +356,11 @@ __global__ void __launch_bounds__(FDMA_SPARSE_TILE_NT) fdma_sparse_tiles_kernel(
             const int32_t *S = a.surv + (r * a.nsup + t / a.tps) * a.surv_cap;
             const int64_t ns = a.survcnt[r * a.nsup + t / a.tps];
             fdma_sparse_compact<FDMA_SPARSE_TILE_NT, FDMA_SPARSE_ITEMS>(
-                0, ns, S, [&](int32_t j) { return e[j] > lo; }, out, a.cap, n, ts);
+                0, ns, [&](int64_t q) { return S[q]; }, [&](int32_t j) { return e[j] > lo; }, out, a.cap, n, ts);
         }
         fdma_sparse_compact<FDMA_SPARSE_TILE_NT, FDMA_SPARSE_ITEMS>(
-            x + 1 > 0 ? x + 1 : 0, hi + 1, NULL, [&](int32_t j) { return e[j] > (j > lo ? (int64_t)j : lo); }, out,
-            a.cap, n, ts);
+            x + 1 > 0 ? x + 1 : 0, hi + 1, [](int64_t q) { return (int32_t)q; },
+            [&](int32_t j) { return e[j] > (j > lo ? (int64_t)j : lo); }, out, a.cap, n, ts);
     }
     const int64_t nw = n < a.cap ? n : a.cap;
     const int64_t padded = (nw + 63) / 64 * 64;
